@@ -1,0 +1,104 @@
+//! Command line. The standalone flags are a contract shared with users, tests and acceptance
+//! suites (see the README): their names and meanings stay stable.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "kplb node agent: programs eBPF service load balancing (a kube-proxy replacement)",
+    long_about = "kplb node agent. Watches Services and EndpointSlices (from the Kubernetes API, or \
+                  from YAML files with --manifests) and programs this node's eBPF datapath: socket-level \
+                  load balancing for ClusterIPs on cgroup v2 hooks, and XDP for NodePort, LoadBalancer \
+                  and ExternalIPs on --interfaces. State is pinned under --bpffs-dir so traffic keeps \
+                  flowing while the agent restarts."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Remove everything the agent installed: pinned programs, links and maps (detaching the
+    /// programs from the cgroup and interfaces).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Directory on a bpf filesystem holding the agent's pins.
+    #[arg(long, default_value = "/sys/fs/bpf/kplb")]
+    pub bpffs_dir: PathBuf,
+    /// External interfaces the agent attached to (accepted for symmetry with the run flags).
+    #[arg(long, value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+    /// cgroup v2 directory the socket programs were attached to.
+    #[arg(long)]
+    pub cgroup_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// This node's name. An endpoint whose EndpointSlice nodeName equals it is local.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+
+    /// Standalone mode: read Service and EndpointSlice YAML (multi-document files allowed) from
+    /// this directory and re-read it on change. Without it the agent watches the Kubernetes API
+    /// (in-cluster config or KUBECONFIG).
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+
+    /// External interfaces (comma-separated) where NodePort, LoadBalancer and ExternalIP traffic
+    /// is translated (XDP, plus tc for the reverse path).
+    #[arg(long, value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+
+    /// cgroup v2 directory where the socket-level load balancing programs attach; every socket
+    /// created by a process below it is balanced.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_path: PathBuf,
+
+    /// Directory on a bpf filesystem for this agent's pinned programs, links and maps (one per
+    /// agent instance). Pins survive restarts, so traffic keeps flowing.
+    #[arg(long, default_value = "/sys/fs/bpf/kplb")]
+    pub bpffs_dir: PathBuf,
+
+    /// This node's IPs (comma-separated). Default: the addresses of --interfaces.
+    #[arg(long, value_delimiter = ',')]
+    pub node_ips: Vec<std::net::IpAddr>,
+
+    /// CIDRs (comma-separated) whose node addresses accept NodePort traffic, like kube-proxy's
+    /// --nodeport-addresses. Default: all node IPs.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+
+    /// Address for the kube-proxy-compatible /healthz and /livez endpoints.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind: SocketAddr,
+
+    /// Address for Prometheus /metrics.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind: SocketAddr,
+
+    /// Maglev lookup table size per service: a supported prime (251 ... 1048573), larger than
+    /// the service's backend count; ~100x the backends gives even balance. Services can override
+    /// it with the annotation kplb.io/maglev-table-size.
+    #[arg(long, default_value_t = lb_common::maglev::DEFAULT_TABLE_SIZE)]
+    pub maglev_table_size: u32,
+
+    /// Cluster-wide Maglev hash seed. Must be equal on every node so that all nodes choose the
+    /// same backend for the same flow.
+    #[arg(long, default_value_t = 0x6b70_6c62)]
+    pub maglev_seed: u64,
+
+    /// How often the manifest directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub poll_interval_ms: u64,
+}

@@ -1,0 +1,9 @@
+//! kplb node agent library: everything except process start-up, so tests can drive it.
+pub mod cli;
+pub mod datapath;
+pub mod health;
+pub mod model;
+pub mod mountns;
+pub mod objects;
+pub mod standalone;
+pub mod sync;

@@ -1,0 +1,230 @@
+//! The desired datapath state as a pure function of the valid objects and this node's identity.
+//!
+//! Nothing here touches the kernel: `desired_state` is deterministic (BTreeMaps, sorted backend
+//! lists) so equal inputs give equal outputs, and the sync layer can diff two results.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SvcKey, addr,
+    maglev::{self, DEFAULT_TABLE_SIZE},
+};
+
+use crate::objects::{
+    EndpointInfo, Inventory, Protocol, ServiceInfo, ServiceName, ServicePort, TrafficPolicy,
+};
+
+/// What the desired state depends on besides the objects.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_name: String,
+    /// Global Maglev table size (`--maglev-table-size`).
+    pub maglev_table_size: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self { node_name: String::new(), maglev_table_size: DEFAULT_TABLE_SIZE }
+    }
+}
+
+/// A set of backends sharing one Maglev table: one service port seen with one traffic policy.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupKey {
+    pub service: ServiceName,
+    pub port_name: String,
+    pub protocol: Protocol,
+    /// Only this node's endpoints (a `Local` traffic policy).
+    pub local_only: bool,
+    /// Part of the identity: a table never changes size under one group id.
+    pub table_size: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSpec {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// The endpoint runs on this node.
+    pub local: bool,
+}
+
+impl BackendSpec {
+    pub fn identity(&self) -> maglev::Identity {
+        maglev::Identity::new(self.addr, self.port)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Group {
+    /// Sorted, unique.
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub group: GroupKey,
+    /// `SVC_F_*`.
+    pub flags: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<SvcKey, Frontend>,
+    pub groups: BTreeMap<GroupKey, Group>,
+}
+
+impl Desired {
+    pub fn backend_count(&self) -> usize {
+        self.groups
+            .values()
+            .flat_map(|g| g.backends.iter())
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+}
+
+/// Endpoints of one service port after kube-proxy's categorisation.
+struct PortEndpoints {
+    all: Vec<BackendSpec>,
+    local: Vec<BackendSpec>,
+}
+
+/// Builds the desired state. Problems that only affect one service (an unusable table size)
+/// are reported through `warn` and resolved safely.
+pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(String)) -> Desired {
+    let mut out = Desired::default();
+    for svc in inv.services.values() {
+        for port in &svc.ports {
+            let eps = port_endpoints(inv, svc, port, &node.node_name);
+            let internal = match svc.internal_policy {
+                TrafficPolicy::Cluster => &eps.all,
+                TrafficPolicy::Local => &eps.local,
+            };
+            let local_only = svc.internal_policy == TrafficPolicy::Local;
+            let group = add_group(&mut out, svc, port, local_only, internal, node, warn);
+            let flags = if svc.session_affinity { SVC_F_AFFINITY } else { 0 };
+            for ip in &svc.cluster_ips {
+                let key = SvcKey {
+                    addr: addr::from_ip(*ip),
+                    port: port.port.to_be(),
+                    proto: port.protocol.number(),
+                    scope: SCOPE_INTERNAL,
+                };
+                out.frontends.insert(key, Frontend { group: group.clone(), flags });
+            }
+        }
+    }
+    out
+}
+
+fn add_group(
+    out: &mut Desired,
+    svc: &ServiceInfo,
+    port: &ServicePort,
+    local_only: bool,
+    backends: &[BackendSpec],
+    node: &NodeConfig,
+    warn: &mut dyn FnMut(String),
+) -> GroupKey {
+    let key = GroupKey {
+        service: svc.id.clone(),
+        port_name: port.name.clone(),
+        protocol: port.protocol,
+        local_only,
+        table_size: table_size(svc, backends.len(), node, warn),
+    };
+    out.groups
+        .entry(key.clone())
+        .or_insert_with(|| Group { backends: backends.to_vec() });
+    key
+}
+
+/// The service's table size: its annotation if usable, else the global size; bumped to the
+/// smallest supported prime above the backend count when the service outgrows it (logged:
+/// a Maglev table needs more slots than backends).
+fn table_size(svc: &ServiceInfo, n: usize, node: &NodeConfig, warn: &mut dyn FnMut(String)) -> u32 {
+    let mut m = node.maglev_table_size;
+    if let Some(want) = svc.maglev_table_size {
+        if maglev::is_supported_size(want) {
+            m = want;
+        } else {
+            warn(format!(
+                "service {}: maglev table size {want} is not a supported prime; using {m}",
+                svc.id
+            ));
+        }
+    }
+    if maglev::check_size(m, n).is_err() {
+        let bigger = maglev::SUPPORTED_TABLE_SIZES
+            .iter()
+            .copied()
+            .find(|&s| s as usize > n)
+            .unwrap_or(m);
+        warn(format!(
+            "service {}: {n} backends do not fit a maglev table of {m}; using {bigger}",
+            svc.id
+        ));
+        m = bigger;
+    }
+    m
+}
+
+/// kube-proxy's endpoint rules for one service port: endpoints from every slice of the service
+/// whose port matches by name and protocol; an address counted once, a ready copy winning over a
+/// terminating one; ready endpoints first, serving-terminating ones only when none is ready
+/// (separately for the cluster-wide and the node-local set).
+fn port_endpoints(inv: &Inventory, svc: &ServiceInfo, port: &ServicePort, node: &str) -> PortEndpoints {
+    let mut by_addr: BTreeMap<IpAddr, (u16, EndpointInfo)> = BTreeMap::new();
+    for slice in inv.slices.values().filter(|s| s.service == svc.id) {
+        let Some(sp) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ep.addr.is_ipv6()) {
+                continue;
+            }
+            let better = match by_addr.get(&ep.addr) {
+                None => true,
+                Some((_, old)) => rank(ep) > rank(old),
+            };
+            if better {
+                by_addr.insert(ep.addr, (sp.port, ep.clone()));
+            }
+        }
+    }
+    let spec = |(addr, (p, ep)): (&IpAddr, &(u16, EndpointInfo))| BackendSpec {
+        addr: *addr,
+        port: *p,
+        protocol: port.protocol,
+        local: ep.node_name.as_deref() == Some(node),
+    };
+    let usable = |local_only: bool| -> Vec<BackendSpec> {
+        let candidates = || {
+            by_addr
+                .iter()
+                .filter(move |(_, (_, ep))| !local_only || ep.node_name.as_deref() == Some(node))
+        };
+        let ready: Vec<_> = candidates().filter(|(_, (_, ep))| ep.ready).map(spec).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        candidates()
+            .filter(|(_, (_, ep))| ep.serving && ep.terminating)
+            .map(spec)
+            .collect()
+    };
+    PortEndpoints { all: usable(false), local: usable(true) }
+}
+
+/// Which duplicate of an address wins: ready over serving over anything else.
+fn rank(ep: &EndpointInfo) -> u8 {
+    u8::from(ep.ready) * 2 + u8::from(ep.serving)
+}

@@ -1,0 +1,397 @@
+//! Validation of Kubernetes objects into the agent's own plain types.
+//!
+//! Everything the datapath needs is checked here once: an invalid object is rejected with a
+//! reason (the caller logs it with the object's name and skips it), so nothing downstream ever
+//! sees a bad address, port or protocol.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+/// Label that joins an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Services carrying this label belong to another proxy (kube-proxy skips them too).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Headless services, as labelled by the control plane.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Per-service Maglev table size override.
+pub const ANNOTATION_MAGLEV_SIZE: &str = "kplb.io/maglev-table-size";
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub id: ServiceName,
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub internal_policy: TrafficPolicy,
+    pub external_policy: TrafficPolicy,
+    pub session_affinity: bool,
+    pub external_ips: Vec<IpAddr>,
+    pub lb_ips: Vec<IpAddr>,
+    pub maglev_table_size: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub addr: IpAddr,
+    pub node_name: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub name: String,
+    pub service: ServiceName,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// Why an object (or a part of one) was not used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("missing metadata.name")]
+    NoName,
+    #[error("invalid IP address {0:?}")]
+    BadIp(String),
+    #[error("invalid port {0} (must be 1-65535)")]
+    BadPort(i32),
+    #[error("unknown protocol {0:?}")]
+    BadProtocol(String),
+    #[error("missing label {LABEL_SERVICE_NAME}")]
+    NoServiceLabel,
+    #[error("address {0} may not be a backend ({1})")]
+    ForbiddenBackend(IpAddr, &'static str),
+}
+
+/// Outcome for a Service that is valid but not ours to program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ignored {
+    Headless,
+    ExternalName,
+    OtherProxy(String),
+}
+
+impl fmt::Display for Ignored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Headless => f.write_str("headless (no cluster IP)"),
+            Self::ExternalName => f.write_str("type ExternalName"),
+            Self::OtherProxy(p) => write!(f, "handled by service proxy {p:?}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ServiceOutcome {
+    Use(ServiceInfo),
+    Ignore(Ignored),
+}
+
+/// Strict IP parsing: Rust's parser already refuses leading-zero IPv4 octets, so "010.0.0.1"
+/// can never be read as octal (CVE-2021-29923).
+pub fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
+    s.trim()
+        .parse()
+        .map_err(|_| Invalid::BadIp(s.to_string()))
+}
+
+fn parse_port(p: i32) -> Result<u16, Invalid> {
+    u16::try_from(p)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or(Invalid::BadPort(p))
+}
+
+/// `None` for protocols the datapath does not balance (SCTP): valid Kubernetes, skipped here.
+fn parse_protocol(p: Option<&str>) -> Result<Option<Protocol>, Invalid> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Some(Protocol::Tcp)),
+        "UDP" => Ok(Some(Protocol::Udp)),
+        "SCTP" => Ok(None),
+        other => Err(Invalid::BadProtocol(other.to_string())),
+    }
+}
+
+fn policy(p: Option<&str>) -> TrafficPolicy {
+    match p {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    }
+}
+
+/// Backends must be real pod/node addresses: never loopback, link-local (cloud metadata
+/// 169.254.169.254), unspecified or multicast.
+pub fn check_backend_addr(ip: IpAddr) -> Result<IpAddr, Invalid> {
+    let forbidden = match ip {
+        IpAddr::V4(v4) if v4.is_loopback() => Some("loopback"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("unspecified"),
+        IpAddr::V4(v4) if v4.is_multicast() || v4.is_broadcast() => Some("multicast"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("loopback"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("multicast"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Some("IPv4-mapped"),
+        _ => None,
+    };
+    match forbidden {
+        Some(why) => Err(Invalid::ForbiddenBackend(ip, why)),
+        None => Ok(ip),
+    }
+}
+
+pub fn service_name(ns: Option<&String>, name: Option<&String>) -> Result<ServiceName, Invalid> {
+    Ok(ServiceName {
+        namespace: ns.cloned().unwrap_or_else(|| "default".to_string()),
+        name: name.cloned().ok_or(Invalid::NoName)?,
+    })
+}
+
+/// Validates a Service. Skipped ports (SCTP) are reported through `warn`.
+pub fn service(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<ServiceOutcome, Invalid> {
+    let id = service_name(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref())?;
+    let labels = svc.metadata.labels.as_ref();
+    if let Some(p) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
+        return Ok(ServiceOutcome::Ignore(Ignored::OtherProxy(p.clone())));
+    }
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        return Ok(ServiceOutcome::Ignore(Ignored::Headless));
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(ServiceOutcome::Ignore(Ignored::Headless));
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(ServiceOutcome::Ignore(Ignored::ExternalName));
+    }
+    let mut ip_texts: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ip_texts.is_empty() {
+        ip_texts.extend(spec.cluster_ip.iter());
+    }
+    if ip_texts.is_empty() || ip_texts.iter().any(|s| s.as_str() == "None" || s.is_empty()) {
+        return Ok(ServiceOutcome::Ignore(Ignored::Headless));
+    }
+    let cluster_ips = ip_texts
+        .into_iter()
+        .map(|s| parse_ip(s))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let port = parse_port(p.port)?;
+        let node_port = p.node_port.filter(|&n| n != 0).map(parse_port).transpose()?;
+        let name = p.name.clone().unwrap_or_default();
+        match parse_protocol(p.protocol.as_deref())? {
+            Some(protocol) => ports.push(ServicePort { name, protocol, port, node_port }),
+            None => warn(format!("port {name:?} ({port}/SCTP) skipped: SCTP is not supported")),
+        }
+    }
+    let external_ips = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(|s| parse_ip(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref())
+        .map(parse_ip)
+        .collect::<Result<Vec<_>, _>>()?;
+    let maglev_table_size = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_MAGLEV_SIZE))
+    {
+        None => None,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(m) => Some(m),
+            Err(_) => {
+                warn(format!("annotation {ANNOTATION_MAGLEV_SIZE}={v:?} is not a number; using the default"));
+                None
+            }
+        },
+    };
+    Ok(ServiceOutcome::Use(ServiceInfo {
+        id,
+        cluster_ips,
+        ports,
+        internal_policy: policy(spec.internal_traffic_policy.as_deref()),
+        external_policy: policy(spec.external_traffic_policy.as_deref()),
+        session_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+        external_ips,
+        lb_ips,
+        maglev_table_size,
+    }))
+}
+
+/// Validates an EndpointSlice. `None` for slices kube-proxy ignores (FQDN address type).
+/// Individual endpoints with unusable addresses are dropped and reported through `warn`.
+pub fn endpoint_slice(
+    slice: &EndpointSlice,
+    warn: &mut dyn FnMut(String),
+) -> Result<Option<SliceInfo>, Invalid> {
+    let name = slice.metadata.name.clone().ok_or(Invalid::NoName)?;
+    let svc_name = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .ok_or(Invalid::NoServiceLabel)?;
+    let service = service_name(slice.metadata.namespace.as_ref(), Some(svc_name))?;
+    let want_v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => return Ok(None),
+    };
+    let mut ports = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        let Some(port) = p.port else { continue };
+        let port = parse_port(port)?;
+        if let Some(protocol) = parse_protocol(p.protocol.as_deref())? {
+            ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), protocol, port });
+        }
+    }
+    let mut endpoints = Vec::new();
+    for ep in &slice.endpoints {
+        // kube-proxy uses the first address only.
+        let Some(text) = ep.addresses.first() else { continue };
+        let addr = match parse_ip(text).and_then(check_backend_addr) {
+            Ok(a) if a.is_ipv6() == want_v6 => a,
+            Ok(a) => {
+                warn(format!("endpoint {a} does not match addressType {}", slice.address_type));
+                continue;
+            }
+            Err(e) => {
+                warn(format!("endpoint skipped: {e}"));
+                continue;
+            }
+        };
+        let cond = ep.conditions.as_ref();
+        // Defaults from the EndpointSlice API: ready unset means ready; serving defaults to
+        // ready; terminating defaults to false.
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        endpoints.push(EndpointInfo {
+            addr,
+            node_name: ep.node_name.clone(),
+            ready,
+            serving,
+            terminating,
+        });
+    }
+    Ok(Some(SliceInfo { name, service, ports, endpoints }))
+}
+
+/// All valid objects of one snapshot, keyed for deterministic iteration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub services: BTreeMap<ServiceName, ServiceInfo>,
+    /// Keyed by (namespace, slice name).
+    pub slices: BTreeMap<(String, String), SliceInfo>,
+}
+
+/// Validates every object of a snapshot. Invalid ones are reported through `warn` with their
+/// kind, name and reason, and left out; valid ones never depend on invalid ones.
+pub fn inventory<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    warn: &mut dyn FnMut(String),
+) -> Inventory {
+    let mut inv = Inventory::default();
+    for svc in services {
+        let label = object_label("Service", &svc.metadata);
+        let mut w = |m: String| warn(format!("{label}: {m}"));
+        match service(svc, &mut w) {
+            Ok(ServiceOutcome::Use(info)) => {
+                inv.services.insert(info.id.clone(), info);
+            }
+            Ok(ServiceOutcome::Ignore(_)) => {}
+            Err(e) => w(format!("invalid, skipped: {e}")),
+        }
+    }
+    for slice in slices {
+        let label = object_label("EndpointSlice", &slice.metadata);
+        let mut w = |m: String| warn(format!("{label}: {m}"));
+        match endpoint_slice(slice, &mut w) {
+            Ok(Some(info)) => {
+                inv.slices.insert((info.service.namespace.clone(), info.name.clone()), info);
+            }
+            Ok(None) => {}
+            Err(e) => w(format!("invalid, skipped: {e}")),
+        }
+    }
+    inv
+}
+
+fn object_label(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{kind} {}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}

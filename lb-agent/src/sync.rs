@@ -1,0 +1,292 @@
+//! Applies a [`Desired`] state to the datapath as a minimal diff.
+//!
+//! Order matters because programs read the maps while we write them: backends are written
+//! before the tables that name them, tables before the frontends that point at them, and removal
+//! goes the other way round. A table is replaced whole by one outer-map update, so a packet sees
+//! either the old or the new table, never a mix. Only what changed is written.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lb_common::{BACKEND_F_LOCAL, Backend, MaglevSlot, SvcKey, SvcVal, addr, maglev};
+
+use crate::model::{BackendSpec, Desired, GroupKey};
+
+/// The map operations the reconciler needs; implemented over the pinned BPF maps and, for
+/// tests, in memory.
+pub trait Datapath {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Self::Error>;
+    fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Replaces group `id`'s table atomically with `table` (backend ids).
+    fn set_table(&mut self, id: u32, table: &[MaglevSlot]) -> Result<(), Self::Error>;
+    fn del_table(&mut self, id: u32) -> Result<(), Self::Error>;
+    fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), Self::Error>;
+    fn del_frontend(&mut self, key: &SvcKey) -> Result<(), Self::Error>;
+}
+
+/// What a previous agent left in pinned maps, read back at start.
+#[derive(Clone, Debug, Default)]
+pub struct Existing {
+    pub backends: Vec<(u32, Backend)>,
+    pub frontends: Vec<(SvcKey, SvcVal)>,
+    pub groups: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub frontends: usize,
+    pub groups: usize,
+    pub backends: usize,
+    /// Map writes and deletes this sync performed.
+    pub writes: usize,
+    pub errors: usize,
+}
+
+#[derive(Debug)]
+struct AppliedGroup {
+    id: u32,
+    /// `None` until a table (possibly empty) has been written for it.
+    backends: Option<Vec<BackendSpec>>,
+}
+
+/// Small id allocator: ids are never 0 and never reused while live.
+#[derive(Debug, Default)]
+struct Ids {
+    used: BTreeSet<u32>,
+    next: u32,
+}
+
+impl Ids {
+    fn alloc(&mut self) -> u32 {
+        loop {
+            self.next = self.next.wrapping_add(1).max(1);
+            if self.used.insert(self.next) {
+                return self.next;
+            }
+        }
+    }
+    fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+/// The reconciler: remembers what it wrote so each sync writes only the difference.
+#[derive(Debug)]
+pub struct Reconciler {
+    seed: u64,
+    backend_ids: Ids,
+    backends: HashMap<Backend, u32>,
+    group_ids: Ids,
+    groups: BTreeMap<GroupKey, AppliedGroup>,
+    frontends: BTreeMap<SvcKey, SvcVal>,
+    /// Tables adopted from a previous agent whose group identity is unknown: deleted once the
+    /// first sync has repointed every frontend at a fresh table.
+    orphan_groups: Vec<u32>,
+}
+
+fn backend_value(b: &BackendSpec) -> Backend {
+    Backend {
+        addr: addr::from_ip(b.addr),
+        port: b.port.to_be(),
+        proto: b.protocol.number(),
+        flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+    }
+}
+
+impl Reconciler {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            backend_ids: Ids::default(),
+            backends: HashMap::new(),
+            group_ids: Ids::default(),
+            groups: BTreeMap::new(),
+            frontends: BTreeMap::new(),
+            orphan_groups: Vec::new(),
+        }
+    }
+
+    /// Starts from a previous agent's pinned state so traffic keeps flowing: backend ids and
+    /// frontends are taken over as they are; tables get fresh ids (their group identity is not
+    /// stored) and the old ones go once nothing points at them.
+    pub fn adopt(seed: u64, existing: Existing) -> Self {
+        let mut r = Self::new(seed);
+        for (id, b) in existing.backends {
+            r.backend_ids.used.insert(id);
+            r.backends.insert(b, id);
+        }
+        for g in existing.groups {
+            r.group_ids.used.insert(g);
+            r.orphan_groups.push(g);
+        }
+        for (k, v) in existing.frontends {
+            r.group_ids.used.insert(v.group_id);
+            if !r.orphan_groups.contains(&v.group_id) {
+                r.orphan_groups.push(v.group_id);
+            }
+            r.frontends.insert(k, v);
+        }
+        r
+    }
+
+    pub fn apply<D: Datapath>(
+        &mut self,
+        desired: &Desired,
+        dp: &mut D,
+        on_error: &mut dyn FnMut(String),
+    ) -> SyncStats {
+        let mut st = SyncStats::default();
+        let mut fail = |st: &mut SyncStats, what: String| {
+            st.errors += 1;
+            on_error(what);
+        };
+
+        // 1. Backends every desired table needs.
+        let wanted: BTreeSet<Backend> = desired
+            .groups
+            .values()
+            .flat_map(|g| g.backends.iter().map(backend_value))
+            .collect();
+        for b in &wanted {
+            if self.backends.contains_key(b) {
+                continue;
+            }
+            let id = self.backend_ids.alloc();
+            match dp.set_backend(id, b) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.backends.insert(*b, id);
+                }
+                Err(e) => {
+                    self.backend_ids.free(id);
+                    fail(&mut st, format!("backend {}: {e}", addr::to_ip(&b.addr)));
+                }
+            }
+        }
+
+        // 2. Tables whose backend set changed (or are new).
+        for (key, group) in &desired.groups {
+            let applied = self.groups.entry(key.clone()).or_insert_with(|| AppliedGroup {
+                id: self.group_ids.alloc(),
+                backends: None,
+            });
+            if applied.backends.as_ref() == Some(&group.backends) {
+                continue;
+            }
+            let result = if group.backends.is_empty() {
+                // No table: the frontend's backend_count of 0 makes the programs reject.
+                if applied.backends.as_ref().is_some_and(|b| !b.is_empty()) {
+                    st.writes += 1;
+                    dp.del_table(applied.id).map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                }
+            } else {
+                build_table(&group.backends, key.table_size, self.seed, &self.backends)
+                    .and_then(|t| dp.set_table(applied.id, &t).map_err(|e| e.to_string()))
+                    .inspect(|()| st.writes += 1)
+            };
+            match result {
+                Ok(()) => applied.backends = Some(group.backends.clone()),
+                Err(e) => fail(&mut st, format!("service {} table: {e}", key.service)),
+            }
+        }
+
+        // 3. Frontends pointing at those tables.
+        for (key, fe) in &desired.frontends {
+            let Some(g) = self.groups.get(&fe.group) else { continue };
+            let Some(backends) = g.backends.as_ref() else {
+                continue; // its table failed to build; keep whatever is there
+            };
+            let val = SvcVal {
+                group_id: g.id,
+                table_size: fe.group.table_size,
+                backend_count: u32::try_from(backends.len()).unwrap_or(u32::MAX),
+                flags: fe.flags,
+            };
+            if self.frontends.get(key) == Some(&val) {
+                continue;
+            }
+            match dp.set_frontend(key, &val) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.frontends.insert(*key, val);
+                }
+                Err(e) => fail(&mut st, format!("frontend of {}: {e}", fe.group.service)),
+            }
+        }
+
+        // 4. Removals, in reverse dependency order.
+        let stale: Vec<SvcKey> =
+            self.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
+        for key in stale {
+            match dp.del_frontend(&key) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.frontends.remove(&key);
+                }
+                Err(e) => fail(&mut st, format!("remove frontend: {e}")),
+            }
+        }
+        let stale: Vec<GroupKey> =
+            self.groups.keys().filter(|k| !desired.groups.contains_key(k)).cloned().collect();
+        for key in stale {
+            if let Some(g) = self.groups.remove(&key) {
+                if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
+                    st.writes += 1;
+                    if let Err(e) = dp.del_table(g.id) {
+                        fail(&mut st, format!("remove table of {}: {e}", key.service));
+                    }
+                }
+                self.group_ids.free(g.id);
+            }
+        }
+        let live: BTreeSet<u32> = self.frontends.values().map(|v| v.group_id).collect();
+        let orphans = std::mem::take(&mut self.orphan_groups);
+        for id in orphans {
+            if live.contains(&id) {
+                self.orphan_groups.push(id);
+                continue;
+            }
+            // Adopted tables may or may not exist; a missing one is fine.
+            let _ = dp.del_table(id);
+            st.writes += 1;
+            self.group_ids.free(id);
+        }
+        let stale: Vec<Backend> =
+            self.backends.keys().filter(|b| !wanted.contains(b)).copied().collect();
+        for b in stale {
+            if let Some(id) = self.backends.remove(&b) {
+                st.writes += 1;
+                if let Err(e) = dp.del_backend(id) {
+                    fail(&mut st, format!("remove backend: {e}"));
+                }
+                self.backend_ids.free(id);
+            }
+        }
+
+        st.frontends = self.frontends.len();
+        st.groups = self.groups.len();
+        st.backends = self.backends.len();
+        st
+    }
+}
+
+/// The Maglev table for a group, as backend ids.
+fn build_table(
+    backends: &[BackendSpec],
+    size: u32,
+    seed: u64,
+    ids: &HashMap<Backend, u32>,
+) -> Result<Vec<MaglevSlot>, String> {
+    let idents: Vec<maglev::Identity> = backends.iter().map(BackendSpec::identity).collect();
+    let slots = maglev::build(&idents, size, seed).map_err(|e| e.to_string())?;
+    let by_index: Vec<u32> = backends
+        .iter()
+        .map(|b| ids.get(&backend_value(b)).copied().ok_or("backend not written"))
+        .collect::<Result<_, _>>()?;
+    Ok(slots
+        .iter()
+        .map(|&i| MaglevSlot { backend: by_index[i as usize], prev: 0 })
+        .collect())
+}

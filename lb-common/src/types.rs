@@ -1,0 +1,123 @@
+//! `#[repr(C)]` map keys and values. No `bool`, `Option` or enums inside: only integers with
+//! explicit padding, so layouts cannot drift between the BPF target and the host.
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Frontend lookup scope. In-cluster sockets (cgroup hooks) use [`SCOPE_INTERNAL`]; packets
+/// arriving on external interfaces (XDP) use [`SCOPE_EXTERNAL`], so `externalTrafficPolicy:
+/// Local` can serve external clients from local endpoints while pods still reach all of them.
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// A service frontend: address (IPv4 stored IPv4-mapped, see [`crate::addr`]), port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SvcKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// What a frontend resolves to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SvcVal {
+    /// Key of the Maglev table in [`crate::maps::MAGLEV`]. A group id never changes table size,
+    /// so `table_size` and the table it describes always agree.
+    pub group_id: u32,
+    /// Entries in that table (a prime). Slot = flow hash % table_size.
+    pub table_size: u32,
+    /// Usable backends behind the table. 0 means reject (ECONNREFUSED / RST / ICMP).
+    pub backend_count: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+}
+
+/// sessionAffinity: ClientIP. The selection hash ignores the client port.
+pub const SVC_F_AFFINITY: u32 = 1 << 0;
+
+/// A backend (endpoint address + targetPort).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+}
+
+/// The endpoint runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+/// The endpoint is serving but terminating (used only when no ready endpoint exists).
+pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
+
+/// One Maglev table slot. Kernel arrays round elements up to 8 bytes anyway, so the previous
+/// owner (kept for a bounded window after a change) costs no extra memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MaglevSlot {
+    /// Backend id owning this slot.
+    pub backend: u32,
+    /// Backend id that owned it before the last change, or 0.
+    pub prev: u32,
+}
+
+/// Socket-LB reverse translation key: the socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevSkKey {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The frontend the application addressed, restored by recvmsg/getpeername.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevSkVal {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Indices into the per-CPU [`crate::maps::STATS`] array.
+pub mod counter {
+    /// connect/sendmsg rewrote a frontend to a backend.
+    pub const SOCK_XLATE: u32 = 0;
+    /// connect/sendmsg refused: frontend without usable backends.
+    pub const SOCK_REJECT: u32 = 1;
+    /// recvmsg/getpeername restored a frontend address.
+    pub const SOCK_REV_XLATE: u32 = 2;
+    /// Frontend found but its table or backend entry was missing (transient during sync).
+    pub const SOCK_MISS: u32 = 3;
+    pub const COUNT: u32 = 16;
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<SvcKey>() == 20);
+    assert!(core::mem::size_of::<SvcVal>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<RevSkKey>() == 32);
+    assert!(core::mem::size_of::<RevSkVal>() == 20);
+    assert!(core::mem::size_of::<MaglevSlot>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C) integer aggregates without implicit padding (the size
+    // assertions above pin their layout), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::SvcKey {}
+    unsafe impl aya::Pod for super::SvcVal {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::RevSkKey {}
+    unsafe impl aya::Pod for super::RevSkVal {}
+    unsafe impl aya::Pod for super::MaglevSlot {}
+}

@@ -1,0 +1,61 @@
+//! kplb datapath programs. Entry points only; logic lives in the modules.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod select;
+mod sock;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use sock::{Family, forward, reverse};
+
+#[cgroup_sock_addr(connect4)]
+pub fn kplb_connect4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kplb_connect6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kplb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kplb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kplb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn kplb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn kplb_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kplb_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V6)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible: needed for GPL-only helpers (FIB lookup on the XDP path).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,157 @@
+//! Socket-level load balancing on cgroup v2 hooks.
+//!
+//! connect/sendmsg rewrite `frontend:port` to `backend:targetPort` once per connection (or per
+//! unconnected UDP send) and remember the frontend per socket; recvmsg/getpeername put the
+//! frontend back so the application never sees the backend address.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_socket_cookie, generated::bpf_set_retval},
+    programs::SockAddrContext,
+};
+use lb_common::{
+    RevSkKey, RevSkVal, SCOPE_INTERNAL, SvcKey, addr, hash::socket_hash, types::counter,
+};
+
+use crate::{
+    maps::{REV_SK, count},
+    select::{Pick, resolve},
+};
+
+/// Verdicts of cgroup sock_addr programs.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+#[inline(always)]
+fn read_addr(sa: *const bpf_sock_addr, family: Family) -> [u32; 4] {
+    // SAFETY: `sa` is the program context; the verifier permits 4-byte loads of these fields.
+    unsafe {
+        match family {
+            Family::V4 => addr::from_v4_word((*sa).user_ip4),
+            Family::V6 => [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ],
+        }
+    }
+}
+
+/// Writes `a` as the destination. A v4 hook can only take an IPv4 backend; returns false if the
+/// backend's family does not fit (never write a mangled address).
+#[inline(always)]
+fn write_addr(sa: *mut bpf_sock_addr, family: Family, a: &[u32; 4], port: u16) -> bool {
+    // SAFETY: context stores the verifier allows for these hooks.
+    unsafe {
+        match family {
+            Family::V4 => match addr::to_v4_word(a) {
+                Some(w) => (*sa).user_ip4 = w,
+                None => return false,
+            },
+            Family::V6 => {
+                (*sa).user_ip6[0] = a[0];
+                (*sa).user_ip6[1] = a[1];
+                (*sa).user_ip6[2] = a[2];
+                (*sa).user_ip6[3] = a[3];
+            }
+        }
+        (*sa).user_port = u32::from(port);
+    }
+    true
+}
+
+/// Frontend key of the destination the application asked for; `None` for non-TCP/UDP sockets.
+#[inline(always)]
+fn dest_key(sa: *const bpf_sock_addr, family: Family) -> Option<SvcKey> {
+    // SAFETY: context loads.
+    let (proto, port) = unsafe { ((*sa).protocol, (*sa).user_port) };
+    let proto = match proto {
+        6 | 17 => proto as u8,
+        _ => return None,
+    };
+    Some(SvcKey {
+        addr: read_addr(sa, family),
+        port: port as u16,
+        proto,
+        scope: SCOPE_INTERNAL,
+    })
+}
+
+/// connect4/6 and sendmsg4/6: translate a frontend to a backend.
+#[inline(always)]
+pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some(key) = dest_key(sa, family) else {
+        return ALLOW;
+    };
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match resolve(&key, socket_hash(cookie)) {
+        Pick::NotService => ALLOW,
+        Pick::Miss => {
+            count(counter::SOCK_MISS);
+            ALLOW
+        }
+        Pick::NoBackends => {
+            count(counter::SOCK_REJECT);
+            // kube-proxy REJECTs: the caller gets ECONNREFUSED instead of a timeout.
+            // SAFETY: helper valid for connect/sendmsg hooks.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
+        Pick::Backend(b) => {
+            if !write_addr(sa, family, &b.addr, b.port) {
+                count(counter::SOCK_MISS);
+                return ALLOW;
+            }
+            let rev_key = RevSkKey {
+                cookie,
+                addr: b.addr,
+                port: b.port,
+                _pad: [0; 6],
+            };
+            let rev = RevSkVal {
+                addr: key.addr,
+                port: key.port,
+                _pad: [0; 2],
+            };
+            // A failed insert only loses the reverse mapping (peer shows the backend address);
+            // the connection itself still works.
+            let _ = REV_SK.insert(rev_key, rev, 0);
+            count(counter::SOCK_XLATE);
+            ALLOW
+        }
+    }
+}
+
+/// recvmsg4/6 and getpeername4/6: show the frontend the application addressed.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = RevSkKey {
+        cookie,
+        addr: read_addr(sa, family),
+        // SAFETY: context load.
+        port: unsafe { (*sa).user_port } as u16,
+        _pad: [0; 6],
+    };
+    // SAFETY: copied out immediately.
+    if let Some(rev) = unsafe { REV_SK.get(key) }.copied()
+        && write_addr(sa, family, &rev.addr, rev.port)
+    {
+        count(counter::SOCK_REV_XLATE);
+    }
+    // These hooks must always return 1.
+    ALLOW
+}
