@@ -15,7 +15,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, HashOfMaps, IterableMap as _, Map, MapData, MapError},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::{FdLink, PinnedLink}},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
 };
 use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal, maps};
 use tracing::{debug, info};
@@ -23,7 +26,7 @@ use tracing::{debug, info};
 use crate::sync::{self, Existing};
 
 /// The programs object, built by build.rs from lb-ebpf.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Socket-LB programs, attached to `--cgroup-path`.
 pub const SOCK_PROGRAMS: [&str; 8] = [
@@ -40,17 +43,37 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("{what}: {source}")]
-    Io { what: String, #[source] source: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("loading programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, #[source] source: MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("pinning {path}: {source}")]
-    Pin { path: PathBuf, #[source] source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("link {path}: {source}")]
-    Link { path: PathBuf, #[source] source: aya::programs::links::LinkError },
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
 }
@@ -67,7 +90,10 @@ pub struct Paths {
 
 impl Paths {
     pub fn new(bpffs_dir: &Path) -> Self {
-        Self { maps: bpffs_dir.join("maps"), links: bpffs_dir.join("links") }
+        Self {
+            maps: bpffs_dir.join("maps"),
+            links: bpffs_dir.join("links"),
+        }
     }
 }
 
@@ -79,7 +105,10 @@ pub struct BpfDatapath {
     maglev: HashOfMaps<MapData, u32, Array<MapData, MaglevSlot>>,
 }
 
-fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
@@ -90,10 +119,13 @@ impl BpfDatapath {
     pub fn load(bpffs_dir: &Path) -> Result<Self, DatapathError> {
         ensure_bpffs(bpffs_dir)?;
         let paths = Paths::new(bpffs_dir);
-        fs::create_dir_all(&paths.maps).map_err(io(format!("creating {}", paths.maps.display())))?;
-        fs::create_dir_all(&paths.links).map_err(io(format!("creating {}", paths.links.display())))?;
+        fs::create_dir_all(&paths.maps)
+            .map_err(io(format!("creating {}", paths.maps.display())))?;
+        fs::create_dir_all(&paths.links)
+            .map_err(io(format!("creating {}", paths.links.display())))?;
         let mut loader = EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, paths.maps.join(m))).collect();
+        let pins: Vec<(&str, PathBuf)> =
+            maps::ALL.iter().map(|m| (*m, paths.maps.join(m))).collect();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -109,15 +141,20 @@ impl BpfDatapath {
     /// Attaches the socket-LB programs to `cgroup`, replacing links a previous agent pinned.
     pub fn attach_cgroup(&mut self, cgroup: &Path, bpffs_dir: &Path) -> Result<(), DatapathError> {
         let links = Paths::new(bpffs_dir).links;
-        let cg = fs::File::open(cgroup).map_err(io(format!("opening cgroup {}", cgroup.display())))?;
+        let cg =
+            fs::File::open(cgroup).map_err(io(format!("opening cgroup {}", cgroup.display())))?;
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = self
                 ._ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
             let id = prog
                 .attach(cg.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -125,7 +162,10 @@ impl BpfDatapath {
                 .take_link(id)
                 .map_err(|source| DatapathError::Program { name, source })?
                 .try_into()
-                .map_err(|source| DatapathError::Link { path: links.join(name), source })?;
+                .map_err(|source| DatapathError::Link {
+                    path: links.join(name),
+                    source,
+                })?;
             replace_pinned_link(link, &links.join(name))?;
             debug!(program = name, cgroup = %cgroup.display(), "attached");
         }
@@ -149,16 +189,27 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
     tmp.push(format!("_new{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
-    let pinned = link.pin(&tmp).map_err(|source| DatapathError::Pin { path: tmp.clone(), source })?;
+    let pinned = link.pin(&tmp).map_err(|source| DatapathError::Pin {
+        path: tmp.clone(),
+        source,
+    })?;
     if path.exists() {
         // Dropping the unpinned old link detaches it.
         match PinnedLink::from_pin(path) {
-            Ok(old) => drop(old.unpin().map_err(io(format!("unpinning {}", path.display())))?),
+            Ok(old) => drop(
+                old.unpin()
+                    .map_err(io(format!("unpinning {}", path.display())))?,
+            ),
             Err(_) => fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?,
         }
     }
-    let link: FdLink = pinned.unpin().map_err(io(format!("unpinning {}", tmp.display())))?;
-    link.pin(path).map_err(|source| DatapathError::Pin { path: path.to_path_buf(), source })?;
+    let link: FdLink = pinned
+        .unpin()
+        .map_err(io(format!("unpinning {}", tmp.display())))?;
+    link.pin(path).map_err(|source| DatapathError::Pin {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -182,7 +233,10 @@ impl sync::Datapath for BpfDatapath {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DatapathError> {
         self.backends
             .insert(id, backend, 0)
-            .map_err(|source| DatapathError::Map { name: maps::BACKENDS, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::BACKENDS,
+                source,
+            })
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), DatapathError> {
@@ -194,7 +248,10 @@ impl sync::Datapath for BpfDatapath {
         // One update swaps the whole table: readers see the old or the new one.
         self.maglev
             .insert(id, &inner, 0)
-            .map_err(|source| DatapathError::Map { name: maps::MAGLEV, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::MAGLEV,
+                source,
+            })
     }
 
     fn del_table(&mut self, id: u32) -> Result<(), DatapathError> {
@@ -204,7 +261,10 @@ impl sync::Datapath for BpfDatapath {
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), DatapathError> {
         self.services
             .insert(key, val, 0)
-            .map_err(|source| DatapathError::Map { name: maps::SERVICES, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::SERVICES,
+                source,
+            })
     }
 
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), DatapathError> {
@@ -227,8 +287,13 @@ fn new_table(table: &[MaglevSlot]) -> Result<Array<MapData, MaglevSlot>, Datapat
         what: "table too large".into(),
         source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
     })?;
-    let inner = Array::<MapData, MaglevSlot>::create(len, maps::MAGLEV_TABLE_FLAGS)
-        .map_err(|source| DatapathError::Map { name: maps::MAGLEV, source })?;
+    let inner =
+        Array::<MapData, MaglevSlot>::create(len, maps::MAGLEV_TABLE_FLAGS).map_err(|source| {
+            DatapathError::Map {
+                name: maps::MAGLEV,
+                source,
+            }
+        })?;
     let bytes = std::mem::size_of_val(table);
     let fd = inner.map().fd().as_fd().as_raw_fd();
     // SAFETY: mapping `bytes` (<= the array's mmapable size: elements are exactly 8 bytes) of a

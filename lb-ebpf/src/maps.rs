@@ -21,7 +21,8 @@ pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap:
 
 /// Inner template only fixes the type; `BPF_F_INNER_MAP` lets each service's table have its own
 /// size. The agent swaps a whole table in with one outer-map update.
-pub type MaglevTable = Array<MaglevSlot, { MAGLEV_DEFAULT_SIZE as usize }, { MAGLEV_TABLE_FLAGS as usize }>;
+pub type MaglevTable =
+    Array<MaglevSlot, { MAGLEV_DEFAULT_SIZE as usize }, { MAGLEV_TABLE_FLAGS as usize }>;
 
 #[btf_map(name = "KPLB_MAGLEV")]
 pub static MAGLEV: HashOfMaps<u32, MaglevTable, { MAX_GROUPS as usize }> = HashOfMaps::new();
