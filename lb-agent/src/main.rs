@@ -11,8 +11,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use clap::Parser as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
     cli::{Cli, Command, RunArgs},
     datapath::{self, BpfDatapath},
@@ -141,8 +141,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     while !STOP.load(Ordering::SeqCst) {
         if source.changed(interval) || first {
             let (services, slices) = source.snapshot();
-            let inputs = Inputs { services: &services, slices: &slices };
-            sync_once(&inputs, &node, &mut reconciler, &mut dp, &health, &mut logged, first);
+            let inputs = Inputs {
+                services: &services,
+                slices: &slices,
+            };
+            sync_once(
+                &inputs,
+                &node,
+                &mut reconciler,
+                &mut dp,
+                &health,
+                &mut logged,
+                first,
+            );
             first = false;
         }
         sleep_unless_stopped(interval);

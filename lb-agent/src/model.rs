@@ -40,6 +40,9 @@ pub struct GroupKey {
     pub service: ServiceName,
     pub port_name: String,
     pub protocol: Protocol,
+    /// Address family of the group's frontends and backends: a dual-stack service has one
+    /// group per family, so an IPv4 ClusterIP is never balanced to an IPv6 endpoint.
+    pub ipv6: bool,
     /// Only this node's endpoints (a `Local` traffic policy).
     pub local_only: bool,
     /// Part of the identity: a table never changes size under one group id.
@@ -101,20 +104,32 @@ struct PortEndpoints {
 pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(String)) -> Desired {
     let mut out = Desired::default();
     for svc in inv.services.values() {
-        for port in &svc.ports {
-            let eps = port_endpoints(inv, svc, port, &node.node_name);
+        for (port, ipv6) in svc.ports.iter().flat_map(|p| [(p, false), (p, true)]) {
+            if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ipv6) {
+                continue;
+            }
+            let eps = port_endpoints(inv, svc, port, ipv6, &node.node_name);
             let internal = match svc.internal_policy {
                 TrafficPolicy::Cluster => &eps.all,
                 TrafficPolicy::Local => &eps.local,
             };
-            let local_only = svc.internal_policy == TrafficPolicy::Local;
-            let group = add_group(&mut out, svc, port, local_only, internal, node, warn);
+            let group = GroupKey {
+                service: svc.id.clone(),
+                port_name: port.name.clone(),
+                protocol: port.protocol,
+                ipv6,
+                local_only: svc.internal_policy == TrafficPolicy::Local,
+                table_size: table_size(svc, internal.len(), node, warn),
+            };
+            out.groups.entry(group.clone()).or_insert_with(|| Group {
+                backends: internal.clone(),
+            });
             let flags = if svc.session_affinity {
                 SVC_F_AFFINITY
             } else {
                 0
             };
-            for ip in &svc.cluster_ips {
+            for ip in svc.cluster_ips.iter().filter(|c| c.is_ipv6() == ipv6) {
                 let key = SvcKey {
                     addr: addr::from_ip(*ip),
                     port: port.port.to_be(),
@@ -132,28 +147,6 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
         }
     }
     out
-}
-
-fn add_group(
-    out: &mut Desired,
-    svc: &ServiceInfo,
-    port: &ServicePort,
-    local_only: bool,
-    backends: &[BackendSpec],
-    node: &NodeConfig,
-    warn: &mut dyn FnMut(String),
-) -> GroupKey {
-    let key = GroupKey {
-        service: svc.id.clone(),
-        port_name: port.name.clone(),
-        protocol: port.protocol,
-        local_only,
-        table_size: table_size(svc, backends.len(), node, warn),
-    };
-    out.groups.entry(key.clone()).or_insert_with(|| Group {
-        backends: backends.to_vec(),
-    });
-    key
 }
 
 /// The service's table size: its annotation if usable, else the global size; bumped to the
@@ -186,14 +179,15 @@ fn table_size(svc: &ServiceInfo, n: usize, node: &NodeConfig, warn: &mut dyn FnM
     m
 }
 
-/// kube-proxy's endpoint rules for one service port: endpoints from every slice of the service
-/// whose port matches by name and protocol; an address counted once, a ready copy winning over a
-/// terminating one; ready endpoints first, serving-terminating ones only when none is ready
+/// kube-proxy's endpoint rules for one service port and address family: endpoints of that
+/// family from every slice of the service whose port matches by name and protocol; an address
+/// counted once, a ready copy winning over a terminating one; ready endpoints first, serving-terminating ones only when none is ready
 /// (separately for the cluster-wide and the node-local set).
 fn port_endpoints(
     inv: &Inventory,
     svc: &ServiceInfo,
     port: &ServicePort,
+    ipv6: bool,
     node: &str,
 ) -> PortEndpoints {
     let mut by_addr: BTreeMap<IpAddr, (u16, EndpointInfo)> = BTreeMap::new();
@@ -206,11 +200,7 @@ fn port_endpoints(
             continue;
         };
         for ep in &slice.endpoints {
-            if !svc
-                .cluster_ips
-                .iter()
-                .any(|c| c.is_ipv6() == ep.addr.is_ipv6())
-            {
+            if ep.addr.is_ipv6() != ipv6 {
                 continue;
             }
             let better = match by_addr.get(&ep.addr) {

@@ -180,9 +180,11 @@ impl Reconciler {
             let result = if group.backends.is_empty() {
                 // No table: the frontend's backend_count of 0 makes the programs reject. The
                 // old table goes only after the frontends stop pointing at it (step 4); deleting
-                // it first would let a connect find a frontend without its table.
+                // it first would let a connect find a frontend without its table. Until then
+                // `backends` keeps describing the table that is still there.
                 if applied.backends.as_ref().is_some_and(|b| !b.is_empty()) {
-                    emptied.push(applied.id);
+                    emptied.push(key.clone());
+                    continue;
                 }
                 Ok(())
             } else {
@@ -201,13 +203,15 @@ impl Reconciler {
             let Some(g) = self.groups.get(&fe.group) else {
                 continue;
             };
-            let Some(backends) = g.backends.as_ref() else {
-                continue; // its table failed to build; keep whatever is there
+            let count = match (&g.backends, desired.groups.get(&fe.group)) {
+                (_, Some(d)) if d.backends.is_empty() => 0,
+                (Some(backends), _) => backends.len(),
+                (None, _) => continue, // its table failed to build; keep whatever is there
             };
             let val = SvcVal {
                 group_id: g.id,
                 table_size: fe.group.table_size,
-                backend_count: u32::try_from(backends.len()).unwrap_or(u32::MAX),
+                backend_count: u32::try_from(count).unwrap_or(u32::MAX),
                 flags: fe.flags,
             };
             if self.frontends.get(key) == Some(&val) {
@@ -223,19 +227,6 @@ impl Reconciler {
         }
 
         // 4. Removals, in reverse dependency order.
-        // A frontend whose update failed may still point at a table: keep such tables.
-        let in_use: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .filter(|v| v.backend_count > 0)
-            .map(|v| v.group_id)
-            .collect();
-        for id in emptied.into_iter().filter(|id| !in_use.contains(id)) {
-            st.writes += 1;
-            if let Err(e) = dp.del_table(id) {
-                fail(&mut st, format!("remove emptied table {id}: {e}"));
-            }
-        }
         let stale: Vec<SvcKey> = self
             .frontends
             .keys()
@@ -249,6 +240,32 @@ impl Reconciler {
                     self.frontends.remove(&key);
                 }
                 Err(e) => fail(&mut st, format!("remove frontend: {e}")),
+            }
+        }
+        // A frontend whose update or removal failed may still point at a table: keep such
+        // tables (and their backends) for a later sync. A failed table removal is retried too.
+        let in_use: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .filter(|v| v.backend_count > 0)
+            .map(|v| v.group_id)
+            .collect();
+        for key in emptied {
+            let Some(g) = self.groups.get_mut(&key) else {
+                continue;
+            };
+            if in_use.contains(&g.id) {
+                continue;
+            }
+            match dp.del_table(g.id) {
+                Ok(()) => {
+                    st.writes += 1;
+                    g.backends = Some(Vec::new());
+                }
+                Err(e) => fail(
+                    &mut st,
+                    format!("remove emptied table of {}: {e}", key.service),
+                ),
             }
         }
         let stale: Vec<GroupKey> = self
@@ -265,13 +282,17 @@ impl Reconciler {
             {
                 continue;
             }
-            if let Some(g) = self.groups.remove(&key) {
-                if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
-                    st.writes += 1;
-                    if let Err(e) = dp.del_table(g.id) {
-                        fail(&mut st, format!("remove table of {}: {e}", key.service));
-                    }
+            let Some(g) = self.groups.get(&key) else {
+                continue;
+            };
+            if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
+                if let Err(e) = dp.del_table(g.id) {
+                    fail(&mut st, format!("remove table of {}: {e}", key.service));
+                    continue;
                 }
+                st.writes += 1;
+            }
+            if let Some(g) = self.groups.remove(&key) {
                 self.group_ids.free(g.id);
             }
         }
@@ -287,19 +308,29 @@ impl Reconciler {
             st.writes += 1;
             self.group_ids.free(id);
         }
-        let stale: Vec<Backend> = self
-            .backends
-            .keys()
-            .filter(|b| !wanted.contains(b))
-            .copied()
+        // Backends still named by a table that is in the maps (a kept one, or one whose
+        // rebuild failed) stay until that table changes.
+        let named: BTreeSet<Backend> = self
+            .groups
+            .values()
+            .filter_map(|g| g.backends.as_ref())
+            .flatten()
+            .map(backend_value)
             .collect();
-        for b in stale {
-            if let Some(id) = self.backends.remove(&b) {
-                st.writes += 1;
-                if let Err(e) = dp.del_backend(id) {
-                    fail(&mut st, format!("remove backend: {e}"));
+        let stale: Vec<(Backend, u32)> = self
+            .backends
+            .iter()
+            .filter(|(b, _)| !wanted.contains(b) && !named.contains(b))
+            .map(|(b, id)| (*b, *id))
+            .collect();
+        for (b, id) in stale {
+            match dp.del_backend(id) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.backends.remove(&b);
+                    self.backend_ids.free(id);
                 }
-                self.backend_ids.free(id);
+                Err(e) => fail(&mut st, format!("remove backend: {e}")),
             }
         }
 
