@@ -121,7 +121,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let mut dp = BpfDatapath::load(&args.bpffs_dir).context("loading the datapath")?;
-    let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing());
+    let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing())
+        .with_prev_window(Duration::from_secs(args.maglev_prev_window));
     dp.attach_cgroup(&args.cgroup_path, &args.bpffs_dir)
         .with_context(|| format!("attaching to cgroup {}", args.cgroup_path.display()))?;
     info!(
@@ -155,6 +156,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 first,
             );
             first = false;
+        }
+        let expired = reconciler.expire_prev(Instant::now(), &mut dp, &mut |e| error!("sync: {e}"));
+        if expired > 0 {
+            info!(
+                tables = expired,
+                "previous-owner window ended; tables rewritten"
+            );
         }
         sleep_unless_stopped(interval);
     }

@@ -5,7 +5,10 @@
 //! goes the other way round. A table is replaced whole by one outer-map update, so a packet sees
 //! either the old or the new table, never a mix. Only what changed is written.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
 
 use lb_common::{BACKEND_F_LOCAL, Backend, MaglevSlot, SvcKey, SvcVal, addr, maglev};
 
@@ -47,6 +50,8 @@ struct AppliedGroup {
     id: u32,
     /// `None` until a table (possibly empty) has been written for it.
     backends: Option<Vec<BackendSpec>>,
+    /// Until when the written table carries previous owners (see [`Reconciler::expire_prev`]).
+    prev_until: Option<Instant>,
 }
 
 /// Small id allocator: ids are never 0 and never reused while live.
@@ -82,6 +87,8 @@ pub struct Reconciler {
     /// Tables adopted from a previous agent whose group identity is unknown: deleted once the
     /// first sync has repointed every frontend at a fresh table.
     orphan_groups: Vec<u32>,
+    /// How long a changed table keeps each moved slot's previous owner (0: never).
+    prev_window: Duration,
 }
 
 fn backend_value(b: &BackendSpec) -> Backend {
@@ -103,7 +110,15 @@ impl Reconciler {
             groups: BTreeMap::new(),
             frontends: BTreeMap::new(),
             orphan_groups: Vec::new(),
+            prev_window: Duration::ZERO,
         }
+    }
+
+    /// Keep previous slot owners for `window` after each table change, so established flows
+    /// that lose their conntrack entry still reach their backend (the XDP path consults them).
+    pub fn with_prev_window(mut self, window: Duration) -> Self {
+        self.prev_window = window;
+        self
     }
 
     /// Starts from a previous agent's pinned state so traffic keeps flowing: backend ids and
@@ -173,6 +188,7 @@ impl Reconciler {
                 .or_insert_with(|| AppliedGroup {
                     id: self.group_ids.alloc(),
                     backends: None,
+                    prev_until: None,
                 });
             if applied.backends.as_ref() == Some(&group.backends) {
                 continue;
@@ -188,7 +204,24 @@ impl Reconciler {
                 }
                 Ok(())
             } else {
+                let previous = applied
+                    .backends
+                    .as_deref()
+                    .filter(|b| !b.is_empty() && !self.prev_window.is_zero());
                 build_table(&group.backends, key.table_size, self.seed, &self.backends)
+                    .map(|mut t| {
+                        let moved = previous.is_some_and(|old| {
+                            mark_previous_owners(
+                                &mut t,
+                                old,
+                                key.table_size,
+                                self.seed,
+                                &self.backends,
+                            )
+                        });
+                        applied.prev_until = moved.then(|| Instant::now() + self.prev_window);
+                        t
+                    })
                     .and_then(|t| dp.set_table(applied.id, &t).map_err(|e| e.to_string()))
                     .inspect(|()| st.writes += 1)
             };
@@ -342,6 +375,61 @@ impl Reconciler {
 }
 
 /// The Maglev table for a group, as backend ids.
+impl Reconciler {
+    /// Rewrites, without previous owners, every table whose window ended by `now`. Returns how
+    /// many tables were rewritten.
+    pub fn expire_prev<D: Datapath>(
+        &mut self,
+        now: Instant,
+        dp: &mut D,
+        on_error: &mut dyn FnMut(String),
+    ) -> usize {
+        let mut rewritten = 0;
+        for (key, g) in &mut self.groups {
+            if !g.prev_until.is_some_and(|t| t <= now) {
+                continue;
+            }
+            let Some(backends) = g.backends.as_deref().filter(|b| !b.is_empty()) else {
+                g.prev_until = None;
+                continue;
+            };
+            match build_table(backends, key.table_size, self.seed, &self.backends)
+                .and_then(|t| dp.set_table(g.id, &t).map_err(|e| e.to_string()))
+            {
+                Ok(()) => {
+                    g.prev_until = None;
+                    rewritten += 1;
+                }
+                Err(e) => on_error(format!("service {} table: {e}", key.service)),
+            }
+        }
+        rewritten
+    }
+}
+
+/// Sets `prev` on every slot of `table` whose owner differs from the table built from `old`
+/// (the one being replaced). Returns whether any slot moved.
+fn mark_previous_owners(
+    table: &mut [MaglevSlot],
+    old: &[BackendSpec],
+    size: u32,
+    seed: u64,
+    ids: &HashMap<Backend, u32>,
+) -> bool {
+    // Old backends are still in `ids`: removals happen after tables are written.
+    let Ok(before) = build_table(old, size, seed, ids) else {
+        return false;
+    };
+    let mut moved = false;
+    for (slot, was) in table.iter_mut().zip(before) {
+        if slot.backend != was.backend {
+            slot.prev = was.backend;
+            moved = true;
+        }
+    }
+    moved
+}
+
 fn build_table(
     backends: &[BackendSpec],
     size: u32,

@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use common::*;
@@ -1042,4 +1043,71 @@ fn protocol_is_part_of_the_backend() {
         protos,
         [Protocol::Tcp.number(), Protocol::Udp.number()].into()
     );
+}
+
+/// With a previous-owner window, a table change keeps each moved slot's old owner beside the
+/// new one until the window ends; slots that did not move carry none.
+#[test]
+fn table_changes_keep_previous_owners_for_the_window() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED).with_prev_window(Duration::from_secs(60));
+    let d1 = w.desired();
+    apply_ok(&mut r, &d1, &mut fake);
+    let a_table = fake.maps.frontends[&a80()].group_id;
+    let before = fake.maps.tables[&a_table].clone();
+    assert!(
+        before.iter().all(|s| s.prev == 0),
+        "a first table has no history"
+    );
+
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
+    let d2 = w.desired();
+    apply_ok(&mut r, &d2, &mut fake);
+    assert_converged(&fake, &d2);
+    let after = fake.maps.tables[&a_table].clone();
+    let mut moved = 0;
+    for (now, was) in after.iter().zip(&before) {
+        if now.backend == was.backend {
+            assert_eq!(now.prev, 0, "an unmoved slot has no previous owner");
+        } else {
+            assert_eq!(now.prev, was.backend, "a moved slot names its old owner");
+            moved += 1;
+        }
+    }
+    // Two backends become three: about a third of the slots move, all to the new backend.
+    let size = after.len();
+    assert!(
+        moved > size / 4 && moved < size / 2,
+        "{moved} of {size} slots moved"
+    );
+
+    // Not yet expired: nothing is rewritten.
+    assert_eq!(
+        r.expire_prev(Instant::now(), &mut fake, &mut |e| panic!("{e}")),
+        0
+    );
+    // After the window the table is rewritten without previous owners, same owners.
+    let later = Instant::now() + Duration::from_secs(61);
+    assert_eq!(r.expire_prev(later, &mut fake, &mut |e| panic!("{e}")), 1);
+    let cleared = &fake.maps.tables[&a_table];
+    assert!(cleared.iter().all(|s| s.prev == 0));
+    assert!(
+        cleared
+            .iter()
+            .zip(&after)
+            .all(|(c, a)| c.backend == a.backend)
+    );
+    assert_eq!(r.expire_prev(later, &mut fake, &mut |e| panic!("{e}")), 0);
+}
+
+#[test]
+fn without_a_window_tables_carry_no_previous_owners() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    assert!(fake.maps.tables.values().flatten().all(|s| s.prev == 0));
 }
