@@ -4,6 +4,7 @@
 //! Everything needs root; tests begin with `if !require_root("...") { return; }`.
 
 pub mod agent;
+pub mod bpfmaps;
 pub mod cleanup;
 pub mod client;
 pub mod cluster;
