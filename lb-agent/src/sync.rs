@@ -91,7 +91,8 @@ pub struct Reconciler {
     prev_window: Duration,
 }
 
-fn backend_value(b: &BackendSpec) -> Backend {
+/// The `KPLB_BACKENDS` value for a desired backend.
+pub fn backend_value(b: &BackendSpec) -> Backend {
     Backend {
         addr: addr::from_ip(b.addr),
         port: b.port.to_be(),

@@ -16,7 +16,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
     model::{BackendSpec, Desired},
     objects::{ANNOTATION_MAGLEV_SIZE, Protocol},
-    sync::{Datapath, Existing, Reconciler, SyncStats},
+    sync::{Datapath, Existing, Reconciler, SyncStats, backend_value},
 };
 use lb_common::{BACKEND_F_LOCAL, Backend, MaglevSlot, SvcKey, SvcVal, addr, maglev};
 
@@ -268,15 +268,6 @@ fn existing(maps: &Maps) -> Existing {
         backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
         frontends: maps.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
         groups: maps.tables.keys().copied().collect(),
-    }
-}
-
-fn backend_value(b: &BackendSpec) -> Backend {
-    Backend {
-        addr: addr::from_ip(b.addr),
-        port: b.port.to_be(),
-        proto: b.protocol.number(),
-        flags: if b.local { BACKEND_F_LOCAL } else { 0 },
     }
 }
 
