@@ -387,7 +387,7 @@ impl Reconciler {
     ) -> usize {
         let mut rewritten = 0;
         for (key, g) in &mut self.groups {
-            if !g.prev_until.is_some_and(|t| t <= now) {
+            if g.prev_until.is_none_or(|t| t > now) {
                 continue;
             }
             let Some(backends) = g.backends.as_deref().filter(|b| !b.is_empty()) else {
