@@ -15,6 +15,7 @@ pub mod netns;
 pub mod poll;
 pub mod process;
 pub mod require;
+pub mod scenario;
 
 pub use agent::Agent;
 pub use client::{Attempt, Request, tally};

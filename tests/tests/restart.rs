@@ -4,49 +4,16 @@
 use std::time::Duration;
 
 use lb_tests::{
-    Agent, Cluster, Lab, Request,
-    manifests::{Endpoint, EndpointSlice, Port, Protocol, Service},
-    require_root,
+    Agent, Cluster, Lab, Request, require_root,
+    scenario::{CLIENTS, HTTP, web_cluster},
 };
-
-const HTTP: &str = "172.30.0.10:80";
-const BACKENDS: [(&str, usize, &str); 3] = [
-    ("pod-a", 1, "10.0.1.10"),
-    ("pod-b", 2, "10.0.2.10"),
-    ("pod-c", 2, "10.0.2.11"),
-];
-const CLIENTS: [(&str, usize, &str); 2] =
-    [("client1", 1, "10.0.1.100"), ("client2", 2, "10.0.2.100")];
-
-fn cluster() -> Cluster {
-    let mut lab = Lab::new(2).unwrap();
-    for (name, node, ip) in BACKENDS {
-        lab.add_pod(node, name, ip, None).unwrap();
-        lab.start_backend(name, &[8080], &[]).unwrap();
-    }
-    for (name, node, ip) in CLIENTS {
-        lab.add_pod(node, name, ip, None).unwrap();
-    }
-    let mut c = Cluster::new(lab).unwrap();
-    let svc = Service::new("web")
-        .cluster_ip("172.30.0.10")
-        .port(Port::tcp(80, 8080).named("http"));
-    let slice = BACKENDS.iter().fold(
-        EndpointSlice::new("web-1", "web").port(Some("http"), Protocol::Tcp, 8080),
-        |s, (name, node, ip)| s.endpoint(Endpoint::ready_on(ip, &format!("node{node}")).pod(name)),
-    );
-    c.write("web.yaml", &[svc.to_json(), slice.to_json()])
-        .unwrap();
-    c.start_agents(&[], Duration::from_secs(30)).unwrap();
-    c
-}
 
 #[test]
 fn kill_9_and_restart_loses_no_connection() {
     if !require_root("agent restart") {
         return;
     }
-    let mut c = cluster();
+    let mut c = web_cluster().unwrap();
     let dir = c.manifests_dir().to_path_buf();
     let Cluster { agents, lab, .. } = &mut c;
     let lab: &Lab = lab;
