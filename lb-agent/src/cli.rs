@@ -1,7 +1,7 @@
 //! Command line. The standalone flags are a contract shared with users, tests and acceptance
 //! suites (see the README): their names and meanings stay stable.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -87,6 +87,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind: SocketAddr,
 
+    /// How long a Service or EndpointSlice change may wait to reach the maps before /healthz and
+    /// /livez answer 503 (kube-proxy: twice its sync period). A number with a unit: 500ms, 60s,
+    /// 2m (seconds without one).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub healthz_timeout: Duration,
+
     /// Maglev lookup table size per service: a supported prime (251 ... 1048573), larger than
     /// the service's backend count; ~100x the backends gives even balance. Services can override
     /// it with the annotation kplb.io/maglev-table-size.
@@ -108,4 +114,45 @@ pub struct RunArgs {
     /// How often the manifest directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub poll_interval_ms: u64,
+}
+
+/// `500ms`, `60s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with a unit (500ms, 60s, 2m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn healthz_timeout_defaults_to_a_minute() {
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(["lb-agent"]).unwrap();
+        assert_eq!(cli.run.healthz_timeout, Duration::from_secs(60));
+        let cli = Cli::try_parse_from(["lb-agent", "--healthz-timeout", "5s"]).unwrap();
+        assert_eq!(cli.run.healthz_timeout, Duration::from_secs(5));
+    }
 }

@@ -1,83 +1,201 @@
 //! kube-proxy-compatible `/healthz` and `/livez`, and Prometheus `/metrics`, on a tiny
 //! blocking HTTP server (one thread per listener; requests are tiny and rare).
+//!
+//! Like kube-proxy's healthz server: the agent is unhealthy when a queued change has waited
+//! longer than the health timeout without reaching the maps (a stuck sync loop), and `/healthz`
+//! (not `/livez`) also fails while this node is being deleted, so that external load balancers
+//! drain it. Additionally `/healthz` answers 503 until the first full sync is in the maps.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Context as _;
 use tracing::debug;
 
+use crate::{changes::ChangeQueue, metrics::Metrics, sync::SyncStats};
+
+/// How long a queued change may wait before the agent reports unhealthy: kube-proxy uses twice
+/// its sync period (2 x 30 s).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spawning the http thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
 /// Shared state the sync loop updates and the servers read.
-#[derive(Default)]
 pub struct Health {
+    changes: Arc<ChangeQueue>,
+    timeout: Duration,
     synced: AtomicBool,
+    node_eligible: AtomicBool,
     last_updated: Mutex<Option<SystemTime>>,
-    pub syncs: AtomicU64,
-    pub sync_errors: AtomicU64,
-    pub frontends: AtomicU64,
-    pub backends: AtomicU64,
-    pub tables: AtomicU64,
-    pub last_sync_micros: AtomicU64,
+    pub metrics: Metrics,
+}
+
+/// One HTTP answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
 }
 
 impl Health {
-    pub fn mark_synced(&self) {
-        self.synced.store(true, Ordering::Release);
-        if let Ok(mut t) = self.last_updated.lock() {
-            *t = Some(SystemTime::now());
+    pub fn new(changes: Arc<ChangeQueue>, timeout: Duration) -> Self {
+        Self {
+            changes,
+            timeout,
+            synced: AtomicBool::new(false),
+            node_eligible: AtomicBool::new(true),
+            last_updated: Mutex::new(None),
+            metrics: Metrics::default(),
         }
     }
 
-    fn healthz(&self) -> (u16, String) {
-        let last = self.last_updated.lock().ok().and_then(|t| *t);
-        let body = format!(
-            "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\"}}",
-            last.map(rfc3339).unwrap_or_default(),
-            rfc3339(SystemTime::now())
-        );
-        let code = if self.synced.load(Ordering::Acquire) {
-            200
-        } else {
-            503
-        };
-        (code, body)
+    pub fn changes(&self) -> &Arc<ChangeQueue> {
+        &self.changes
     }
 
-    fn metrics(&self) -> String {
-        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        format!(
-            "# HELP kplb_syncs_total Syncs of desired state into the maps.\n# TYPE kplb_syncs_total counter\n\
-             kplb_syncs_total {}\n\
-             # HELP kplb_sync_errors_total Map operations that failed.\n# TYPE kplb_sync_errors_total counter\n\
-             kplb_sync_errors_total {}\n\
-             # HELP kplb_frontends Frontends programmed.\n# TYPE kplb_frontends gauge\nkplb_frontends {}\n\
-             # HELP kplb_backends Backends programmed.\n# TYPE kplb_backends gauge\nkplb_backends {}\n\
-             # HELP kplb_maglev_tables Maglev tables programmed.\n# TYPE kplb_maglev_tables gauge\nkplb_maglev_tables {}\n\
-             # HELP kubeproxy_sync_proxy_rules_last_duration_seconds Duration of the last sync.\n\
-             # TYPE kubeproxy_sync_proxy_rules_last_duration_seconds gauge\n\
-             kubeproxy_sync_proxy_rules_last_duration_seconds {}\n",
-            g(&self.syncs),
-            g(&self.sync_errors),
-            g(&self.frontends),
-            g(&self.backends),
-            g(&self.tables),
-            g(&self.last_sync_micros) as f64 / 1e6,
+    /// A sync is in the maps: updates the health state and the sync metrics. `triggers` are the
+    /// EndpointSlice trigger times of the changes it applied.
+    pub fn record_sync(&self, stats: &SyncStats, took: Duration, triggers: &[SystemTime]) {
+        let now = SystemTime::now();
+        let m = &self.metrics;
+        let r = Ordering::Relaxed;
+        m.syncs.fetch_add(1, r);
+        m.sync_errors.fetch_add(stats.errors as u64, r);
+        m.frontends.store(stats.frontends as u64, r);
+        m.backends.store(stats.backends as u64, r);
+        m.tables.store(stats.groups as u64, r);
+        m.sync_duration.observe(took.as_secs_f64());
+        for t in triggers {
+            // A trigger time in the future (clock skew) counts as zero.
+            m.network_programming
+                .observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
+        }
+        m.set_last_sync(now);
+        self.mark_synced_at(now);
+    }
+
+    /// Whether a full sync has reached the maps.
+    pub fn has_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// The maps reflect the objects (first sync done, or a later one).
+    pub fn mark_synced(&self) {
+        self.mark_synced_at(SystemTime::now());
+    }
+
+    fn mark_synced_at(&self, t: SystemTime) {
+        self.synced.store(true, Ordering::Release);
+        *self.last_updated.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+    }
+
+    /// Whether this node may receive traffic: false while it is being deleted or no longer
+    /// exists.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.node_eligible.store(eligible, Ordering::Release);
+    }
+
+    /// No queued change has waited longer than the timeout.
+    fn fresh(&self, now: Instant) -> bool {
+        self.changes
+            .oldest_unapplied()
+            .is_none_or(|t| now.saturating_duration_since(t) < self.timeout)
+    }
+
+    /// kube-proxy's `/healthz`: synced, fresh, and the node is not going away. Like kube-proxy,
+    /// a healthy answer reports `lastUpdated` as the current time.
+    pub fn healthz(&self) -> Response {
+        let eligible = self.node_eligible.load(Ordering::Acquire);
+        let healthy = self.synced.load(Ordering::Acquire) && self.fresh(Instant::now()) && eligible;
+        self.metrics.count_probe(false, healthy);
+        let (last, now) = self.times(healthy);
+        json(
+            healthy,
+            format!(
+                "{{\"lastUpdated\": \"{last}\",\"currentTime\": \"{now}\", \"nodeEligible\": {eligible}}}"
+            ),
         )
+    }
+
+    /// kube-proxy's `/livez`: like `/healthz` but ignoring node deletion (a node being drained
+    /// must not have its proxy restarted) and healthy while starting.
+    pub fn livez(&self) -> Response {
+        let healthy = self.fresh(Instant::now());
+        self.metrics.count_probe(true, healthy);
+        let (last, now) = self.times(healthy);
+        json(
+            healthy,
+            format!("{{\"lastUpdated\": \"{last}\",\"currentTime\": \"{now}\"}}"),
+        )
+    }
+
+    fn times(&self, healthy: bool) -> (String, String) {
+        let now = SystemTime::now();
+        let last = if healthy {
+            Some(now)
+        } else {
+            *self.last_updated.lock().unwrap_or_else(|e| e.into_inner())
+        };
+        (last.map(rfc3339).unwrap_or_default(), rfc3339(now))
+    }
+
+    pub fn metrics_text(&self) -> Response {
+        Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: self.metrics.render(self.changes.last_queued()),
+        }
+    }
+
+    /// Routes a request path (a query string is ignored).
+    pub fn handle(&self, path: &str) -> Response {
+        match path.split('?').next().unwrap_or("/") {
+            "/healthz" => self.healthz(),
+            "/livez" => self.livez(),
+            "/metrics" => self.metrics_text(),
+            _ => Response {
+                status: 404,
+                content_type: "text/plain; charset=utf-8",
+                body: "not found\n".into(),
+            },
+        }
     }
 }
 
-/// Serves `/healthz`, `/livez` and `/metrics` on `addr` from a background thread.
-pub fn serve(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+fn json(healthy: bool, body: String) -> Response {
+    Response {
+        status: if healthy { 200 } else { 503 },
+        content_type: "application/json",
+        body,
+    }
+}
+
+/// Serves `/healthz`, `/livez` and `/metrics` on `addr` from a background thread. Returns the
+/// bound address (useful with port 0).
+pub fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, HealthError> {
+    let listener = TcpListener::bind(addr).map_err(|source| HealthError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| HealthError::Bind { addr, source })?;
     std::thread::Builder::new()
-        .name(format!("http-{addr}"))
+        .name(format!("http-{local}"))
         .spawn(move || {
             for conn in listener.incoming().flatten() {
                 if let Err(e) = respond(conn, &health) {
@@ -85,8 +203,8 @@ pub fn serve(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
                 }
             }
         })
-        .context("spawning http thread")?;
-    Ok(())
+        .map_err(HealthError::Spawn)?;
+    Ok(local)
 }
 
 fn respond(mut conn: TcpStream, health: &Health) -> std::io::Result<()> {
@@ -94,24 +212,20 @@ fn respond(mut conn: TcpStream, health: &Health) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/");
-    let (code, ctype, body) = match path.split('?').next().unwrap_or("/") {
-        "/healthz" | "/livez" => {
-            let (code, body) = health.healthz();
-            (code, "application/json", body)
-        }
-        "/metrics" => (200, "text/plain; version=0.0.4", health.metrics()),
-        _ => (404, "text/plain", "not found\n".to_string()),
-    };
-    let reason = match code {
+    let r = health.handle(path);
+    let reason = match r.status {
         200 => "OK",
         503 => "Service Unavailable",
         _ => "Not Found",
     };
     write!(
         conn,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nX-Content-Type-Options: nosniff\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+        r.status,
+        r.content_type,
+        r.body.len(),
+        r.body
     )
 }
 

@@ -1,16 +1,15 @@
 //! Kubernetes API source: reflectors on Services, EndpointSlices and this node's Node object.
 //!
-//! Watch events only mark the state dirty; the sync loop reads whole snapshots from the stores,
-//! so the desired state is always computed from a consistent view. A relist replaces a store
-//! atomically when it completes (kube-runtime buffers the initial list), so a relist never
-//! empties the maps in between. Watch errors back off and re-list.
+//! Watch events only queue a change ([`ChangeQueue`]); the sync loop reads whole snapshots from
+//! the stores, so the desired state is always computed from a consistent view. A relist
+//! replaces a store atomically when it completes (kube-runtime buffers the list until its
+//! `InitDone`), so a relist never empties the maps in between. Watch errors back off and
+//! re-list.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
 use futures::StreamExt as _;
@@ -19,15 +18,29 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Resource,
-    runtime::{WatchStreamExt as _, reflector, reflector::Store, watcher},
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _, reflector,
+        reflector::Store,
+        utils::Backoff,
+        watcher::{self, DefaultBackoff, Event},
+    },
 };
 use serde::de::DeserializeOwned;
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
 
-use crate::objects::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
+use crate::{
+    changes::{Batch, ChangeQueue},
+    objects::{self, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, NodeInfo},
+};
+
+/// Set by the EndpointSlice controller to when the change behind a slice update happened
+/// (a pod became ready, ...): the start of kube-proxy's network programming latency.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// kube-proxy's selector: services owned by another proxy and headless ones are not ours.
+/// EndpointSlices carry their service's labels, so the same selector applies to them.
 pub fn proxy_label_selector() -> String {
     format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
 }
@@ -42,17 +55,40 @@ pub enum KubeError {
     NotReady,
 }
 
+/// How the watchers report and retry.
+#[derive(Clone, Debug)]
+pub struct WatchOptions {
+    /// Where changes are queued for the sync loop.
+    pub changes: Arc<ChangeQueue>,
+    /// Fixed delay before retrying after a watch error. `None`: client-go's backoff (800 ms
+    /// doubling to 30 s, jittered), kind to a struggling API server when every node retries.
+    pub retry_delay: Option<Duration>,
+}
+
+impl WatchOptions {
+    pub fn new(changes: Arc<ChangeQueue>) -> Self {
+        Self {
+            changes,
+            retry_delay: None,
+        }
+    }
+}
+
 pub struct KubeSource {
-    rt: tokio::runtime::Runtime,
+    /// Owned by a source made with [`KubeSource::start`]; otherwise the caller's runtime runs
+    /// the watchers.
+    rt: Option<tokio::runtime::Runtime>,
+    tasks: Vec<JoinHandle<()>>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     node: Store<Node>,
-    dirty: Arc<AtomicBool>,
+    changes: Arc<ChangeQueue>,
 }
 
 impl KubeSource {
-    /// Connects, starts the watchers and waits until each has listed once.
-    pub fn start(node_name: &str) -> Result<Self, KubeError> {
+    /// Connects (in-cluster config or KUBECONFIG), starts the watchers on a runtime of their
+    /// own and waits until each has listed once, so the first sync never sees a partial cluster.
+    pub fn start(node_name: &str, changes: Arc<ChangeQueue>) -> Result<Self, KubeError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -62,55 +98,96 @@ impl KubeSource {
         let client = rt
             .block_on(Client::try_default())
             .map_err(KubeError::Client)?;
-        let dirty = Arc::new(AtomicBool::new(true));
-        let selector = proxy_label_selector();
-        let services = spawn_reflector::<Service>(
-            &rt,
-            Api::all(client.clone()),
-            watcher::Config::default().labels(&selector),
-            dirty.clone(),
-        );
-        let slices = spawn_reflector::<EndpointSlice>(
-            &rt,
-            Api::all(client.clone()),
-            watcher::Config::default().labels(&selector),
-            dirty.clone(),
-        );
-        let node = spawn_reflector::<Node>(
-            &rt,
-            Api::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            dirty.clone(),
-        );
-        rt.block_on(async {
-            for ready in [
-                services.wait_until_ready().await,
-                slices.wait_until_ready().await,
-                node.wait_until_ready().await,
-            ] {
-                ready.map_err(|_| KubeError::NotReady)?;
-            }
-            Ok::<(), KubeError>(())
-        })?;
+        let mut source = {
+            let _guard = rt.enter();
+            Self::with_client(client, node_name, WatchOptions::new(changes))
+        };
+        rt.block_on(source.ready())?;
         info!("Kubernetes watchers listed Services, EndpointSlices and Node");
-        Ok(Self {
-            rt,
-            services,
-            slices,
-            node,
-            dirty,
-        })
+        source.rt = Some(rt);
+        Ok(source)
     }
 
-    /// Whether anything changed since the last call. Changes arriving within `coalesce` of the
-    /// first one are taken together (bounded: at most one window per sync).
-    pub fn take_change(&self, coalesce: Duration) -> bool {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return false;
+    /// Starts the watchers with `client` on the current Tokio runtime (it panics outside one,
+    /// like `tokio::spawn`). Tests pass a client backed by a mock API server.
+    pub fn with_client(client: Client, node_name: &str, opts: WatchOptions) -> Self {
+        let selector = proxy_label_selector();
+        let changes = opts.changes.clone();
+        let mut tasks = Vec::new();
+
+        let queue = changes.clone();
+        let services = spawn_reflector::<Service>(
+            Api::all(client.clone()),
+            watcher::Config::default().labels(&selector),
+            &opts,
+            &mut tasks,
+            move |e| {
+                if !matches!(e, Event::Init | Event::InitApply(_)) {
+                    queue.queued();
+                }
+            },
+        );
+
+        let queue = changes.clone();
+        let mut triggers = TriggerTimes::new(SystemTime::now());
+        let slices = spawn_reflector::<EndpointSlice>(
+            Api::all(client.clone()),
+            watcher::Config::default().labels(&selector),
+            &opts,
+            &mut tasks,
+            move |e| triggers.on_event(e, &queue),
+        );
+
+        let queue = changes.clone();
+        let (node_reader, node_writer) = reflector::store();
+        let reader = node_reader.clone();
+        let mut last: Option<Option<NodeInfo>> = None;
+        spawn_with_store::<Node>(
+            Api::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            node_writer,
+            &opts,
+            &mut tasks,
+            move |e| {
+                if matches!(e, Event::Init | Event::InitApply(_)) {
+                    return;
+                }
+                // Node status is rewritten often; only the zone and deletion matter here.
+                let now = reader.state().first().and_then(|n| objects::node(n).ok());
+                if last.as_ref() != Some(&now) {
+                    debug!(node = ?now, "node changed");
+                    last = Some(now);
+                    queue.queued();
+                }
+            },
+        );
+
+        Self {
+            rt: None,
+            tasks,
+            services,
+            slices,
+            node: node_reader,
+            changes,
         }
-        std::thread::sleep(coalesce);
-        self.dirty.store(false, Ordering::Release);
-        true
+    }
+
+    /// Resolves once every watcher has completed its first list.
+    pub async fn ready(&self) -> Result<(), KubeError> {
+        for ready in [
+            self.services.wait_until_ready().await,
+            self.slices.wait_until_ready().await,
+            self.node.wait_until_ready().await,
+        ] {
+            ready.map_err(|_| KubeError::NotReady)?;
+        }
+        Ok(())
+    }
+
+    /// The changes since the last batch, once the oldest is `coalesce` old (see
+    /// [`ChangeQueue::take`]).
+    pub fn take_change(&self, coalesce: Duration) -> Option<Batch> {
+        self.changes.take(coalesce)
     }
 
     pub fn services(&self) -> Vec<Arc<Service>> {
@@ -126,39 +203,252 @@ impl KubeSource {
         self.node.state().into_iter().next()
     }
 
-    pub fn shutdown(self) {
-        self.rt.shutdown_timeout(Duration::from_secs(1));
+    /// What the agent uses of this node's object; `None` while it does not exist.
+    pub fn node_info(&self) -> Option<NodeInfo> {
+        self.node().and_then(|n| objects::node(&n).ok())
+    }
+
+    pub fn shutdown(mut self) {
+        self.stop_tasks();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+
+    fn stop_tasks(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        self.stop_tasks();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Tracks EndpointSlice trigger times the way kube-proxy does: only for changes after the agent
+/// started, once per slice and time, never for deletions (a deleted slice's annotation dates
+/// from its last update). Times seen during a relist are queued when the relist is in the
+/// store, not before.
+struct TriggerTimes {
+    started: SystemTime,
+    last: HashMap<(String, String), SystemTime>,
+    relisted: HashSet<(String, String)>,
+    relist_triggers: Vec<SystemTime>,
+}
+
+impl TriggerTimes {
+    fn new(started: SystemTime) -> Self {
+        Self {
+            started,
+            last: HashMap::new(),
+            relisted: HashSet::new(),
+            relist_triggers: Vec::new(),
+        }
+    }
+
+    fn on_event(&mut self, e: &Event<EndpointSlice>, queue: &ChangeQueue) {
+        match e {
+            Event::Init => {
+                self.relisted.clear();
+                self.relist_triggers.clear();
+            }
+            Event::InitApply(s) => {
+                self.relisted.insert(key(s));
+                if let Some(t) = self.fresh(s) {
+                    self.relist_triggers.push(t);
+                }
+            }
+            Event::InitDone => {
+                let relisted = std::mem::take(&mut self.relisted);
+                self.last.retain(|k, _| relisted.contains(k));
+                queue.queued();
+                for t in self.relist_triggers.drain(..) {
+                    queue.queued_with_trigger(t);
+                }
+            }
+            Event::Apply(s) => match self.fresh(s) {
+                Some(t) => queue.queued_with_trigger(t),
+                None => queue.queued(),
+            },
+            Event::Delete(s) => {
+                self.last.remove(&key(s));
+                queue.queued();
+            }
+        }
+    }
+
+    fn fresh(&mut self, s: &EndpointSlice) -> Option<SystemTime> {
+        let t = trigger_time(s).filter(|t| *t > self.started)?;
+        let prev = self.last.insert(key(s), t);
+        (prev != Some(t)).then_some(t)
+    }
+}
+
+fn key(s: &EndpointSlice) -> (String, String) {
+    (s.namespace().unwrap_or_default(), s.name_any())
+}
+
+/// The slice's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339), if valid.
+pub fn trigger_time(s: &EndpointSlice) -> Option<SystemTime> {
+    let text = s.annotations().get(ANNOTATION_TRIGGER_TIME)?;
+    match text.parse::<k8s_openapi::jiff::Timestamp>() {
+        Ok(t) => Some(SystemTime::from(t)),
+        Err(e) => {
+            debug!(slice = %s.name_any(), "unparsable {ANNOTATION_TRIGGER_TIME} {text:?}: {e}");
+            None
+        }
     }
 }
 
 fn spawn_reflector<K>(
-    rt: &tokio::runtime::Runtime,
     api: Api<K>,
     config: watcher::Config,
-    dirty: Arc<AtomicBool>,
+    opts: &WatchOptions,
+    tasks: &mut Vec<JoinHandle<()>>,
+    on_event: impl FnMut(&Event<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
+    spawn_with_store(api, config, writer, opts, tasks, on_event);
+    reader
+}
+
+/// Runs one watcher into `writer`; `on_event` sees each event after the store has applied it.
+fn spawn_with_store<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    opts: &WatchOptions,
+    tasks: &mut Vec<JoinHandle<()>>,
+    mut on_event: impl FnMut(&Event<K>) + Send + 'static,
+) where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = watcher(api, config)
-        .default_backoff()
+    let backoff: Box<dyn Backoff> = match opts.retry_delay {
+        None => Box::new(DefaultBackoff::default()),
+        Some(d) => Box::new(FixedBackoff(d)),
+    };
+    let stream = watcher::watcher(api, config)
+        .backoff(backoff)
         .modify(|o| {
             // Managed fields are large and never used.
             o.meta_mut().managed_fields = None;
         })
         .reflect(writer);
-    rt.spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => dirty.store(true, Ordering::Release),
+                Ok(e) => on_event(&e),
                 Err(e) => warn!(kind, "watch error (backing off, will re-list): {e}"),
             }
         }
-    });
-    reader
+    }));
+}
+
+/// The same delay after every error.
+struct FixedBackoff(Duration);
+
+impl Iterator for FixedBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.0)
+    }
+}
+
+impl Backoff for FixedBackoff {
+    fn reset(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn slice(name: &str, trigger: Option<&str>) -> EndpointSlice {
+        let mut s = EndpointSlice {
+            address_type: "IPv4".into(),
+            ..EndpointSlice::default()
+        };
+        s.metadata.name = Some(name.into());
+        s.metadata.namespace = Some("default".into());
+        if let Some(t) = trigger {
+            s.metadata.annotations = Some(BTreeMap::from([(
+                ANNOTATION_TRIGGER_TIME.to_string(),
+                t.to_string(),
+            )]));
+        }
+        s
+    }
+
+    fn secs(t: SystemTime) -> u64 {
+        t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    fn drain(q: &ChangeQueue) -> Vec<u64> {
+        let batch = q.take(Duration::ZERO).expect("a change was queued");
+        q.applied(batch).into_iter().map(secs).collect()
+    }
+
+    #[test]
+    fn trigger_time_parses_rfc3339() {
+        let s = slice("a", Some("2024-05-01T10:00:00Z"));
+        assert_eq!(trigger_time(&s).map(secs), Some(1_714_557_600));
+        assert_eq!(trigger_time(&slice("a", Some("yesterday"))), None);
+        assert_eq!(trigger_time(&slice("a", None)), None);
+    }
+
+    #[test]
+    fn trigger_times_are_counted_once_and_only_after_start() {
+        let started = SystemTime::UNIX_EPOCH + Duration::from_secs(1_714_557_600);
+        let mut tt = TriggerTimes::new(started);
+        let q = ChangeQueue::default();
+        // Older than the agent: a change it never saw happen.
+        tt.on_event(&Event::Apply(slice("a", Some("2024-05-01T09:59:59Z"))), &q);
+        assert_eq!(drain(&q), Vec::<u64>::new());
+        let later = slice("a", Some("2024-05-01T10:00:05Z"));
+        tt.on_event(&Event::Apply(later.clone()), &q);
+        assert_eq!(drain(&q), vec![1_714_557_605]);
+        // The same trigger again (a label change): queued, not measured twice.
+        tt.on_event(&Event::Apply(later.clone()), &q);
+        assert_eq!(drain(&q), Vec::<u64>::new());
+        // Deletion: queued, never measured.
+        tt.on_event(&Event::Delete(later), &q);
+        assert_eq!(drain(&q), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn relist_triggers_wait_for_init_done() {
+        let started = SystemTime::UNIX_EPOCH;
+        let mut tt = TriggerTimes::new(started);
+        let q = ChangeQueue::default();
+        tt.on_event(&Event::Init, &q);
+        tt.on_event(
+            &Event::InitApply(slice("a", Some("2024-05-01T10:00:00Z"))),
+            &q,
+        );
+        assert!(q.take(Duration::ZERO).is_none(), "store not swapped yet");
+        tt.on_event(&Event::InitDone, &q);
+        assert_eq!(drain(&q), vec![1_714_557_600]);
+    }
+
+    #[test]
+    fn selector_excludes_other_proxies_and_headless() {
+        assert_eq!(
+            proxy_label_selector(),
+            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+        );
+    }
 }

@@ -14,6 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
+    changes::{Batch, ChangeQueue},
     cli::{Cli, Command, RunArgs},
     datapath::{self, BpfDatapath},
     health::{self, Health},
@@ -21,6 +22,7 @@ use lb_agent::{
     model::{self, NodeConfig},
     mountns, objects,
     standalone::ManifestDir,
+    stats::DatapathStats,
     sync::Reconciler,
 };
 use tracing::{error, info, warn};
@@ -69,8 +71,8 @@ enum Source {
 }
 
 impl Source {
-    /// Whether the objects changed since the last call (reports file problems on the way).
-    fn changed(&mut self, coalesce: Duration) -> bool {
+    /// The changes to sync, if any (reports file problems on the way).
+    fn changed(&mut self, coalesce: Duration, changes: &ChangeQueue) -> Option<Batch> {
         match self {
             Self::Dir(dir) => {
                 let mut problems = Vec::new();
@@ -81,10 +83,26 @@ impl Source {
                 for p in &problems {
                     warn!("{p}");
                 }
-                changed
+                if changed {
+                    changes.queued();
+                }
+                changes.take(Duration::ZERO)
             }
             Self::Kube(kube) => kube.take_change(coalesce),
         }
+    }
+
+    /// This node's zone and whether it may receive traffic. Without a Node document, a
+    /// standalone agent has no zone and is eligible; in a cluster a missing Node is not.
+    fn node_status(&self, node_name: &str) -> (Option<String>, bool) {
+        let info = match self {
+            Self::Dir(dir) => match dir.node(node_name).map(objects::node) {
+                Some(Ok(info)) => Some(info),
+                _ => return (None, true),
+            },
+            Self::Kube(kube) => kube.node_info(),
+        };
+        info.map_or((None, false), |i| (i.zone, !i.deleting))
     }
 
     fn snapshot(&self) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
@@ -109,18 +127,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             lb_common::maglev::SUPPORTED_TABLE_SIZES
         );
     }
-    let mut source = match &args.manifests {
-        Some(dir) if !dir.is_dir() => bail!("--manifests {}: not a directory", dir.display()),
-        Some(dir) => Source::Dir(ManifestDir::new(dir)),
-        None => Source::Kube(KubeSource::start(&args.node_name).context("Kubernetes API source")?),
-    };
-    let health = Arc::new(Health::default());
+    // Health first: /livez answers while the first list of a large cluster is still running.
+    let changes = Arc::new(ChangeQueue::default());
+    let health = Arc::new(Health::new(changes.clone(), args.healthz_timeout));
     health::serve(args.healthz_bind, health.clone()).context("healthz server")?;
     if args.metrics_bind != args.healthz_bind {
         health::serve(args.metrics_bind, health.clone()).context("metrics server")?;
     }
+    let mut source = match &args.manifests {
+        Some(dir) if !dir.is_dir() => bail!("--manifests {}: not a directory", dir.display()),
+        Some(dir) => Source::Dir(ManifestDir::new(dir)),
+        None => Source::Kube(
+            KubeSource::start(&args.node_name, changes.clone()).context("Kubernetes API source")?,
+        ),
+    };
 
     let mut dp = BpfDatapath::load(&args.bpffs_dir).context("loading the datapath")?;
+    match DatapathStats::open(&args.bpffs_dir) {
+        Ok(stats) => health.metrics.set_counter_source(Box::new(stats)),
+        Err(e) => warn!("datapath counters will not be exported: {e}"),
+    }
     let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing())
         .with_prev_window(Duration::from_secs(args.maglev_prev_window));
     dp.attach_cgroup(&args.cgroup_path, &args.bpffs_dir)
@@ -132,15 +158,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "datapath attached"
     );
 
-    let node = NodeConfig {
+    let mut node = NodeConfig {
         node_name: args.node_name.clone(),
         maglev_table_size: args.maglev_table_size,
+        zone: None,
     };
     let interval = Duration::from_millis(args.poll_interval_ms);
     let mut logged = BTreeSet::new();
-    let mut first = true;
+    changes.queued(); // the first full sync
     while !STOP.load(Ordering::SeqCst) {
-        if source.changed(interval) || first {
+        if let Some(batch) = source.changed(interval, &changes) {
+            let (zone, eligible) = source.node_status(&args.node_name);
+            node.zone = zone;
+            health.set_node_eligible(eligible);
             let (services, slices) = source.snapshot();
             let inputs = Inputs {
                 services: &services,
@@ -153,9 +183,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 &mut dp,
                 &health,
                 &mut logged,
-                first,
+                batch,
             );
-            first = false;
         }
         let expired = reconciler.expire_prev(Instant::now(), &mut dp, &mut |e| error!("sync: {e}"));
         if expired > 0 {
@@ -188,8 +217,9 @@ fn sync_once(
     dp: &mut BpfDatapath,
     health: &Health,
     logged: &mut BTreeSet<String>,
-    first: bool,
+    batch: Batch,
 ) {
+    let first = !health.has_synced();
     let start = Instant::now();
     let mut warnings = BTreeSet::new();
     let inv = objects::inventory(
@@ -209,7 +239,8 @@ fn sync_once(
     *logged = warnings;
     let stats = reconciler.apply(&desired, dp, &mut |e| error!("sync: {e}"));
     let took = start.elapsed();
-    record(health, &stats, took);
+    let triggers = health.changes().applied(batch);
+    health.record_sync(&stats, took, &triggers);
     if first {
         info!(
             services = inv.services.len(),
@@ -228,17 +259,6 @@ fn sync_once(
             "applied changes"
         );
     }
-    health.mark_synced();
-}
-
-fn record(health: &Health, stats: &lb_agent::sync::SyncStats, took: Duration) {
-    let r = Ordering::Relaxed;
-    health.syncs.fetch_add(1, r);
-    health.sync_errors.fetch_add(stats.errors as u64, r);
-    health.frontends.store(stats.frontends as u64, r);
-    health.backends.store(stats.backends as u64, r);
-    health.tables.store(stats.groups as u64, r);
-    health.last_sync_micros.store(took.as_micros() as u64, r);
 }
 
 fn sleep_unless_stopped(d: Duration) {

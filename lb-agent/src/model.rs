@@ -13,8 +13,11 @@ use lb_common::{
     maglev::{self, DEFAULT_TABLE_SIZE},
 };
 
-use crate::objects::{
-    EndpointInfo, Inventory, Protocol, ServiceInfo, ServiceName, ServicePort, TrafficPolicy,
+use crate::{
+    objects::{
+        EndpointInfo, Inventory, Protocol, ServiceInfo, ServiceName, ServicePort, TrafficPolicy,
+    },
+    topology,
 };
 
 /// What the desired state depends on besides the objects.
@@ -23,6 +26,8 @@ pub struct NodeConfig {
     pub node_name: String,
     /// Global Maglev table size (`--maglev-table-size`).
     pub maglev_table_size: u32,
+    /// This node's `topology.kubernetes.io/zone`, for topology-aware endpoint selection.
+    pub zone: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -30,6 +35,7 @@ impl Default for NodeConfig {
         Self {
             node_name: String::new(),
             maglev_table_size: DEFAULT_TABLE_SIZE,
+            zone: None,
         }
     }
 }
@@ -75,6 +81,9 @@ pub struct Frontend {
     pub group: GroupKey,
     /// `SVC_F_*`.
     pub flags: u32,
+    /// ClientIP session affinity's timeout in seconds (0 without affinity), for the sync layer
+    /// to copy into the frontend's map value.
+    pub affinity_timeout_s: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -108,7 +117,7 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
             if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ipv6) {
                 continue;
             }
-            let eps = port_endpoints(inv, svc, port, ipv6, &node.node_name);
+            let eps = port_endpoints(inv, svc, port, ipv6, node);
             let internal = match svc.internal_policy {
                 TrafficPolicy::Cluster => &eps.all,
                 TrafficPolicy::Local => &eps.local,
@@ -141,6 +150,7 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
                     Frontend {
                         group: group.clone(),
                         flags,
+                        affinity_timeout_s: svc.affinity_timeout_s,
                     },
                 );
             }
@@ -182,14 +192,17 @@ fn table_size(svc: &ServiceInfo, n: usize, node: &NodeConfig, warn: &mut dyn FnM
 /// kube-proxy's endpoint rules for one service port and address family: endpoints of that
 /// family from every slice of the service whose port matches by name and protocol; an address
 /// counted once, a ready copy winning over a terminating one; ready endpoints first, serving-terminating ones only when none is ready
-/// (separately for the cluster-wide and the node-local set).
+/// (separately for the cluster-wide and the node-local set). The cluster-wide set also follows
+/// topology hints (see [`topology`]).
 fn port_endpoints(
     inv: &Inventory,
     svc: &ServiceInfo,
     port: &ServicePort,
     ipv6: bool,
-    node: &str,
+    node_cfg: &NodeConfig,
 ) -> PortEndpoints {
+    let node = node_cfg.node_name.as_str();
+    let zone = node_cfg.zone.as_deref();
     let mut by_addr: BTreeMap<IpAddr, (u16, EndpointInfo)> = BTreeMap::new();
     for slice in inv.slices.values().filter(|s| s.service == svc.id) {
         let Some(sp) = slice
@@ -218,11 +231,29 @@ fn port_endpoints(
         protocol: port.protocol,
         local: ep.node_name.as_deref() == Some(node),
     };
+    let hints: BTreeMap<IpAddr, _> = by_addr
+        .iter()
+        .map(|(a, (_, ep))| (*a, topology::hints(ep, svc.traffic_distribution)))
+        .collect();
+    let mode = topology::mode(
+        by_addr
+            .iter()
+            .filter(|(_, (_, ep))| ep.ready)
+            .map(|(a, _)| &*hints[a]),
+        node,
+        zone,
+    );
+    let hints = &hints;
+    // Topology narrows only the cluster-wide set; a Local policy already means "this node".
     let usable = |local_only: bool| -> Vec<BackendSpec> {
         let candidates = || {
-            by_addr
-                .iter()
-                .filter(move |(_, (_, ep))| !local_only || ep.node_name.as_deref() == Some(node))
+            by_addr.iter().filter(move |(a, (_, ep))| {
+                if local_only {
+                    ep.node_name.as_deref() == Some(node)
+                } else {
+                    topology::available(&hints[*a], mode, node, zone)
+                }
+            })
         };
         let ready: Vec<_> = candidates()
             .filter(|(_, (_, ep))| ep.ready)

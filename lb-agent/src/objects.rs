@@ -4,9 +4,16 @@
 //! reason (the caller logs it with the object's name and skips it), so nothing downstream ever
 //! sees a bad address, port or protocol.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Label that joins an EndpointSlice to its Service.
@@ -17,6 +24,15 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Per-service Maglev table size override.
 pub const ANNOTATION_MAGLEV_SIZE: &str = "kplb.io/maglev-table-size";
+/// The zone of a node (and, through the EndpointSlice's `zone`, of an endpoint).
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+/// The cluster autoscaler's taint on a node it is about to delete (kube-proxy's /healthz then
+/// fails so load balancers drain the node).
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API server's default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The largest timeout the API server accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceName {
@@ -60,6 +76,15 @@ pub enum TrafficPolicy {
     Local,
 }
 
+/// `spec.trafficDistribution`: where the service prefers its traffic to go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficDistribution {
+    /// `PreferSameZone` (and its older name `PreferClose`): endpoints in this node's zone.
+    PreferSameZone,
+    /// `PreferSameNode`: endpoints on this node, else in its zone.
+    PreferSameNode,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     pub name: String,
@@ -76,9 +101,12 @@ pub struct ServiceInfo {
     pub internal_policy: TrafficPolicy,
     pub external_policy: TrafficPolicy,
     pub session_affinity: bool,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` with ClientIP affinity, else 0.
+    pub affinity_timeout_s: u32,
     pub external_ips: Vec<IpAddr>,
     pub lb_ips: Vec<IpAddr>,
     pub maglev_table_size: Option<u32>,
+    pub traffic_distribution: Option<TrafficDistribution>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +123,26 @@ pub struct EndpointInfo {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    pub zone: Option<String>,
+    pub hints: EndpointHints,
+}
+
+/// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`); an empty set means the
+/// endpoint has no hint of that kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointHints {
+    pub for_zones: BTreeSet<String>,
+    pub for_nodes: BTreeSet<String>,
+}
+
+/// What the agent needs from its Node object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `topology.kubernetes.io/zone`, if set and not empty.
+    pub zone: Option<String>,
+    /// The node is going away (deletionTimestamp, or the autoscaler's to-be-deleted taint).
+    pub deleting: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +170,10 @@ pub enum Invalid {
     ForbiddenBackend(IpAddr, &'static str),
     #[error("unknown addressType {0:?}")]
     BadAddressType(String),
+    #[error(
+        "sessionAffinityConfig.clientIP.timeoutSeconds {0} (must be 1-{MAX_AFFINITY_TIMEOUT_S})"
+    )]
+    BadAffinityTimeout(i32),
 }
 
 /// Outcome for a Service that is valid but not ours to program.
@@ -292,17 +344,81 @@ pub fn service(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<ServiceOut
             }
         },
     };
+    let session_affinity = spec.session_affinity.as_deref() == Some("ClientIP");
+    let affinity_timeout_s = if session_affinity {
+        affinity_timeout(spec)?
+    } else {
+        0
+    };
     Ok(ServiceOutcome::Use(ServiceInfo {
         id,
         cluster_ips,
         ports,
         internal_policy: policy(spec.internal_traffic_policy.as_deref()),
         external_policy: policy(spec.external_traffic_policy.as_deref()),
-        session_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+        session_affinity,
+        affinity_timeout_s,
         external_ips,
         lb_ips,
         maglev_table_size,
+        traffic_distribution: traffic_distribution(spec.traffic_distribution.as_deref(), warn),
     }))
+}
+
+/// ClientIP affinity's timeout: the API server defaults it to 10800 s and accepts 1-86400.
+fn affinity_timeout(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<u32, Invalid> {
+    let set = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match set {
+        None => Ok(DEFAULT_AFFINITY_TIMEOUT_S),
+        Some(t) => u32::try_from(t)
+            .ok()
+            .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_S).contains(t))
+            .ok_or(Invalid::BadAffinityTimeout(t)),
+    }
+}
+
+/// Unknown values are ignored (the service keeps cluster-wide distribution), as the
+/// EndpointSlice controller does for values newer than itself.
+fn traffic_distribution(
+    value: Option<&str>,
+    warn: &mut dyn FnMut(String),
+) -> Option<TrafficDistribution> {
+    match value? {
+        "PreferClose" | "PreferSameZone" => Some(TrafficDistribution::PreferSameZone),
+        "PreferSameNode" => Some(TrafficDistribution::PreferSameNode),
+        other => {
+            warn(format!(
+                "trafficDistribution {other:?} is not known; distributing cluster-wide"
+            ));
+            None
+        }
+    }
+}
+
+/// The parts of a Node the agent uses.
+pub fn node(node: &Node) -> Result<NodeInfo, Invalid> {
+    let name = node.metadata.name.clone().ok_or(Invalid::NoName)?;
+    let zone = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_TOPOLOGY_ZONE))
+        .filter(|z| !z.is_empty())
+        .cloned();
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    Ok(NodeInfo {
+        name,
+        zone,
+        deleting: node.metadata.deletion_timestamp.is_some() || tainted,
+    })
 }
 
 /// Validates an EndpointSlice. `None` for slices kube-proxy ignores (FQDN address type).
@@ -363,12 +479,28 @@ pub fn endpoint_slice(
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
         let serving = cond.and_then(|c| c.serving).unwrap_or(true);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
         endpoints.push(EndpointInfo {
             addr,
             node_name: ep.node_name.clone(),
             ready,
             serving,
             terminating,
+            zone: ep.zone.clone().filter(|z| !z.is_empty()),
+            hints: EndpointHints {
+                for_zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                for_nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            },
         });
     }
     Ok(Some(SliceInfo {

@@ -1,4 +1,5 @@
 //! Standalone source: Service and EndpointSlice YAML files in a directory, re-read on change.
+//! Node documents are read too, so a lab can give its nodes zones (or mark one as deleting).
 //!
 //! Only changed files are re-parsed (by size, mtime and inode). A file that no longer parses
 //! keeps its last good content (an editor's half-written save must not delete services); the
@@ -11,7 +12,10 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +29,7 @@ struct Signature {
 pub struct FileObjects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
 }
 
 #[derive(Debug)]
@@ -105,6 +110,16 @@ impl ManifestDir {
     pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
         self.files.values().flat_map(|f| f.objects.slices.iter())
     }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.files.values().flat_map(|f| f.objects.nodes.iter())
+    }
+
+    /// The Node document named `name`, if the directory has one.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+    }
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -174,7 +189,11 @@ fn add_value(value: serde_yaml::Value, out: &mut FileObjects, problems: &mut Vec
             Ok(s) => out.slices.push(s),
             Err(e) => problems.push(format!("EndpointSlice {name}: {e}")),
         },
-        "List" | "ServiceList" | "EndpointSliceList" => {
+        "Node" => match serde_yaml::from_value(value) {
+            Ok(n) => out.nodes.push(n),
+            Err(e) => problems.push(format!("Node {name}: {e}")),
+        },
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
             if let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned() {
                 for item in items {
                     add_value(item, out, problems);
