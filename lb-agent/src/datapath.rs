@@ -8,22 +8,35 @@
 
 use std::{
     fs,
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, IterableMap as _, Map, MapData, MapError},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::{FdLink, PinnedLink}},
+    maps::{
+        Array, HashMap, HashOfMaps, IterableMap as _, LpmTrie, Map, MapData, MapError,
+        lpm_trie::Key as LpmKey,
+    },
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::TcAttachOptions,
+        xdp::XdpLink,
+    },
 };
-use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal, maps};
+use lb_common::{
+    Backend, MaglevSlot, SvcKey, SvcVal,
+    ct::{Config, CtKey, CtVal, SrcRangeKey},
+    maps,
+};
 use tracing::{debug, info};
 
 use crate::sync::{self, Existing};
 
 /// The programs object, built by build.rs from lb-ebpf.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Socket-LB programs, attached to `--cgroup-path`.
 pub const SOCK_PROGRAMS: [&str; 8] = [
@@ -40,17 +53,37 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("{what}: {source}")]
-    Io { what: String, #[source] source: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("loading programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, #[source] source: MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("pinning {path}: {source}")]
-    Pin { path: PathBuf, #[source] source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("link {path}: {source}")]
-    Link { path: PathBuf, #[source] source: aya::programs::links::LinkError },
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
 }
@@ -67,7 +100,38 @@ pub struct Paths {
 
 impl Paths {
     pub fn new(bpffs_dir: &Path) -> Self {
-        Self { maps: bpffs_dir.join("maps"), links: bpffs_dir.join("links") }
+        Self {
+            maps: bpffs_dir.join("maps"),
+            links: bpffs_dir.join("links"),
+        }
+    }
+}
+
+/// North-south programs attached to `--interfaces`.
+pub const XDP_PROGRAM: &str = "kplb_xdp";
+pub const TC_EGRESS_PROGRAM: &str = "kplb_tc_egress";
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Load-time settings (a restart with other values keeps the pinned maps as they are).
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the conntrack LRU (`--conntrack-max`).
+    pub conntrack_max: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_max: maps::DEFAULT_CT_MAX,
+        }
     }
 }
 
@@ -77,9 +141,15 @@ pub struct BpfDatapath {
     services: HashMap<MapData, SvcKey, SvcVal>,
     backends: HashMap<MapData, u32, Backend>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, MaglevSlot>>,
+    ct: HashMap<MapData, CtKey, CtVal>,
+    config: Array<MapData, Config>,
+    src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
 }
 
-fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
@@ -87,37 +157,234 @@ fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) 
 impl BpfDatapath {
     /// Loads the programs with every map pinned (an existing pin is reused, which is how a
     /// restarted agent keeps the previous agent's state).
-    pub fn load(bpffs_dir: &Path) -> Result<Self, DatapathError> {
+    pub fn load(bpffs_dir: &Path, opts: LoadOptions) -> Result<Self, DatapathError> {
         ensure_bpffs(bpffs_dir)?;
         let paths = Paths::new(bpffs_dir);
-        fs::create_dir_all(&paths.maps).map_err(io(format!("creating {}", paths.maps.display())))?;
-        fs::create_dir_all(&paths.links).map_err(io(format!("creating {}", paths.links.display())))?;
+        fs::create_dir_all(&paths.maps)
+            .map_err(io(format!("creating {}", paths.maps.display())))?;
+        fs::create_dir_all(&paths.links)
+            .map_err(io(format!("creating {}", paths.links.display())))?;
+        let pins: Vec<(&str, PathBuf)> =
+            maps::ALL.iter().map(|m| (*m, paths.maps.join(m))).collect();
+        Self::load_with(&pins, opts)
+    }
+
+    /// Loads the programs with private, unpinned maps (fixture tests, benchmarks).
+    pub fn load_unpinned(opts: LoadOptions) -> Result<Self, DatapathError> {
+        Self::load_with(&[], opts)
+    }
+
+    fn load_with(pins: &[(&str, PathBuf)], opts: LoadOptions) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, paths.maps.join(m))).collect();
-        for (name, path) in &pins {
+        for (name, path) in pins {
             loader.map_pin_path(name, path.as_path());
         }
+        loader.map_max_entries(maps::CT, opts.conntrack_max.max(1));
         let mut ebpf = loader.load(PROGRAMS)?;
         Ok(Self {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
             maglev: take(&mut ebpf, maps::MAGLEV)?,
+            ct: take(&mut ebpf, maps::CT)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
+            src_ranges: take(&mut ebpf, maps::SRC_RANGES)?,
             _ebpf: ebpf,
         })
+    }
+
+    /// The loaded object (tests run programs through it).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self._ebpf
+    }
+
+    /// Capacity of the (possibly adopted) conntrack map.
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.ct.map().info().map(|i| i.max_entries()).unwrap_or(0)
+    }
+
+    /// Writes the runtime configuration; programs see it on their next packet.
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), DatapathError> {
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|source| DatapathError::Map {
+                name: maps::CONFIG,
+                source,
+            })
+    }
+
+    /// All conntrack entries (tests and diagnostics).
+    pub fn ct_entries(&self) -> Vec<(CtKey, CtVal)> {
+        self.ct.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Deletes conntrack entries expired at `now_ns` (CLOCK_MONOTONIC) whose other direction
+    /// is expired or gone too, so a one-way flow never loses its reply translation early.
+    /// Returns (entries scanned, entries deleted). Runs beside the datapath: the programs treat
+    /// expired entries as misses, so a slow scan never stalls or misroutes packets.
+    pub fn ct_gc(&mut self, now_ns: u64) -> (usize, usize) {
+        let entries = self.ct_entries();
+        let live: std::collections::HashSet<CtKey> = entries
+            .iter()
+            .filter(|(_, v)| v.expires > now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut deleted = 0;
+        for (k, v) in &entries {
+            if v.expires <= now_ns && !live.contains(&k.twin(v)) && self.ct.remove(k).is_ok() {
+                deleted += 1;
+            }
+        }
+        (entries.len(), deleted)
+    }
+
+    /// Attaches XDP (make-before-break: an existing pinned link gets the new program
+    /// atomically) and tc egress (TCX; the new link is attached before the old one goes) to
+    /// `iface`. Returns the XDP mode in use.
+    pub fn attach_interface(
+        &mut self,
+        iface: &str,
+        bpffs_dir: &Path,
+        mode: XdpAttach,
+    ) -> Result<&'static str, DatapathError> {
+        let links = Paths::new(bpffs_dir).links;
+        let xdp_pin = links.join(format!("xdp_{iface}"));
+        let prog: &mut Xdp = program(&mut self._ebpf, XDP_PROGRAM)?;
+        prog.load()
+            .or_else(already_loaded)
+            .map_err(|source| DatapathError::Program {
+                name: XDP_PROGRAM,
+                source,
+            })?;
+        let err = |source| DatapathError::Program {
+            name: XDP_PROGRAM,
+            source,
+        };
+        let used = if let Ok(old) = PinnedLink::from_pin(&xdp_pin) {
+            // Keep the interface's link (and its mode); swap the program in atomically.
+            let fd: FdLink = old
+                .unpin()
+                .map_err(io(format!("unpinning {}", xdp_pin.display())))?;
+            let link = XdpLink::try_from(fd).map_err(|source| DatapathError::Link {
+                path: xdp_pin.clone(),
+                source,
+            })?;
+            let id = prog.attach_to_link(link).map_err(err)?;
+            let fd: FdLink = prog
+                .take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|source| DatapathError::Link {
+                    path: xdp_pin.clone(),
+                    source,
+                })?;
+            fd.pin(&xdp_pin).map_err(|source| DatapathError::Pin {
+                path: xdp_pin.clone(),
+                source,
+            })?;
+            "existing link"
+        } else {
+            let tries: &[(XdpMode, &'static str)] = match mode {
+                XdpAttach::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+                XdpAttach::Native => &[(XdpMode::Driver, "native")],
+                XdpAttach::Generic => &[(XdpMode::Skb, "generic")],
+            };
+            let mut last = None;
+            let mut used = None;
+            for (m, name) in tries {
+                match prog.attach(iface, *m) {
+                    Ok(id) => {
+                        let fd: FdLink =
+                            prog.take_link(id)
+                                .map_err(err)?
+                                .try_into()
+                                .map_err(|source| DatapathError::Link {
+                                    path: xdp_pin.clone(),
+                                    source,
+                                })?;
+                        let _ = fs::remove_file(&xdp_pin);
+                        fd.pin(&xdp_pin).map_err(|source| DatapathError::Pin {
+                            path: xdp_pin.clone(),
+                            source,
+                        })?;
+                        used = Some(*name);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            match used {
+                Some(u) => u,
+                None => return Err(err(last.unwrap_or(aya::programs::ProgramError::NotLoaded))),
+            }
+        };
+        let tc: &mut SchedClassifier = program(&mut self._ebpf, TC_EGRESS_PROGRAM)?;
+        let terr = |source| DatapathError::Program {
+            name: TC_EGRESS_PROGRAM,
+            source,
+        };
+        tc.load().or_else(already_loaded).map_err(terr)?;
+        let id = tc
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(terr)?;
+        let tc_pin = links.join(format!("tc_egress_{iface}"));
+        let fd: FdLink = tc
+            .take_link(id)
+            .map_err(terr)?
+            .try_into()
+            .map_err(|source| DatapathError::Link {
+                path: tc_pin.clone(),
+                source,
+            })?;
+        replace_pinned_link(fd, &tc_pin)?;
+        Ok(used)
+    }
+
+    /// Replaces the loadBalancerSourceRanges entry of `group` for `net/prefix`.
+    pub fn set_src_range(
+        &mut self,
+        group: u32,
+        net: IpAddr,
+        prefix: u8,
+        present: bool,
+    ) -> Result<(), DatapathError> {
+        let (key, plen) = src_range_key(group, net, prefix);
+        let k = LpmKey::new(plen, key);
+        let r = if present {
+            self.src_ranges.insert(&k, 1, 0)
+        } else {
+            self.src_ranges.remove(&k)
+        };
+        if present {
+            r.map_err(|source| DatapathError::Map {
+                name: maps::SRC_RANGES,
+                source,
+            })
+        } else {
+            ignore_missing(r, maps::SRC_RANGES)
+        }
     }
 
     /// Attaches the socket-LB programs to `cgroup`, replacing links a previous agent pinned.
     pub fn attach_cgroup(&mut self, cgroup: &Path, bpffs_dir: &Path) -> Result<(), DatapathError> {
         let links = Paths::new(bpffs_dir).links;
-        let cg = fs::File::open(cgroup).map_err(io(format!("opening cgroup {}", cgroup.display())))?;
+        let cg =
+            fs::File::open(cgroup).map_err(io(format!("opening cgroup {}", cgroup.display())))?;
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = self
                 ._ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
             let id = prog
                 .attach(cg.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -125,7 +392,10 @@ impl BpfDatapath {
                 .take_link(id)
                 .map_err(|source| DatapathError::Program { name, source })?
                 .try_into()
-                .map_err(|source| DatapathError::Link { path: links.join(name), source })?;
+                .map_err(|source| DatapathError::Link {
+                    path: links.join(name),
+                    source,
+                })?;
             replace_pinned_link(link, &links.join(name))?;
             debug!(program = name, cgroup = %cgroup.display(), "attached");
         }
@@ -142,6 +412,38 @@ impl BpfDatapath {
     }
 }
 
+/// LPM key for `net/prefix` of `group`: the group id is always matched in full.
+pub fn src_range_key(group: u32, net: IpAddr, prefix: u8) -> (SrcRangeKey, u32) {
+    let extra = if net.is_ipv4() { 96 } else { 0 };
+    (
+        SrcRangeKey {
+            group_be: group.to_be(),
+            addr: lb_common::addr::from_ip(net),
+        },
+        32 + extra + u32::from(prefix),
+    )
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn already_loaded(e: aya::programs::ProgramError) -> Result<(), aya::programs::ProgramError> {
+    match e {
+        aya::programs::ProgramError::AlreadyLoaded => Ok(()),
+        e => Err(e),
+    }
+}
+
 /// Make-before-break: the new link is attached before the old pin (and so the old link) goes.
 fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
     // bpffs refuses names containing '.'.
@@ -149,16 +451,27 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
     tmp.push(format!("_new{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
-    let pinned = link.pin(&tmp).map_err(|source| DatapathError::Pin { path: tmp.clone(), source })?;
+    let pinned = link.pin(&tmp).map_err(|source| DatapathError::Pin {
+        path: tmp.clone(),
+        source,
+    })?;
     if path.exists() {
         // Dropping the unpinned old link detaches it.
         match PinnedLink::from_pin(path) {
-            Ok(old) => drop(old.unpin().map_err(io(format!("unpinning {}", path.display())))?),
+            Ok(old) => drop(
+                old.unpin()
+                    .map_err(io(format!("unpinning {}", path.display())))?,
+            ),
             Err(_) => fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?,
         }
     }
-    let link: FdLink = pinned.unpin().map_err(io(format!("unpinning {}", tmp.display())))?;
-    link.pin(path).map_err(|source| DatapathError::Pin { path: path.to_path_buf(), source })?;
+    let link: FdLink = pinned
+        .unpin()
+        .map_err(io(format!("unpinning {}", tmp.display())))?;
+    link.pin(path).map_err(|source| DatapathError::Pin {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -182,7 +495,10 @@ impl sync::Datapath for BpfDatapath {
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DatapathError> {
         self.backends
             .insert(id, backend, 0)
-            .map_err(|source| DatapathError::Map { name: maps::BACKENDS, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::BACKENDS,
+                source,
+            })
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), DatapathError> {
@@ -194,7 +510,10 @@ impl sync::Datapath for BpfDatapath {
         // One update swaps the whole table: readers see the old or the new one.
         self.maglev
             .insert(id, &inner, 0)
-            .map_err(|source| DatapathError::Map { name: maps::MAGLEV, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::MAGLEV,
+                source,
+            })
     }
 
     fn del_table(&mut self, id: u32) -> Result<(), DatapathError> {
@@ -204,7 +523,10 @@ impl sync::Datapath for BpfDatapath {
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), DatapathError> {
         self.services
             .insert(key, val, 0)
-            .map_err(|source| DatapathError::Map { name: maps::SERVICES, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::SERVICES,
+                source,
+            })
     }
 
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), DatapathError> {
@@ -227,8 +549,13 @@ fn new_table(table: &[MaglevSlot]) -> Result<Array<MapData, MaglevSlot>, Datapat
         what: "table too large".into(),
         source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
     })?;
-    let inner = Array::<MapData, MaglevSlot>::create(len, maps::MAGLEV_TABLE_FLAGS)
-        .map_err(|source| DatapathError::Map { name: maps::MAGLEV, source })?;
+    let inner =
+        Array::<MapData, MaglevSlot>::create(len, maps::MAGLEV_TABLE_FLAGS).map_err(|source| {
+            DatapathError::Map {
+                name: maps::MAGLEV,
+                source,
+            }
+        })?;
     let bytes = std::mem::size_of_val(table);
     let fd = inner.map().fd().as_fd().as_raw_fd();
     // SAFETY: mapping `bytes` (<= the array's mmapable size: elements are exactly 8 bytes) of a

@@ -42,7 +42,11 @@ impl Health {
             last.map(rfc3339).unwrap_or_default(),
             rfc3339(SystemTime::now())
         );
-        let code = if self.synced.load(Ordering::Acquire) { 200 } else { 503 };
+        let code = if self.synced.load(Ordering::Acquire) {
+            200
+        } else {
+            503
+        };
         (code, body)
     }
 

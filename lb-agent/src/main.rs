@@ -17,8 +17,7 @@ use lb_agent::{
     datapath::{self, BpfDatapath},
     health::{self, Health},
     model::{self, NodeConfig},
-    mountns,
-    objects,
+    mountns, objects,
     standalone::ManifestDir,
     sync::Reconciler,
 };
@@ -84,7 +83,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         health::serve(args.metrics_bind, health.clone()).context("metrics server")?;
     }
 
-    let mut dp = BpfDatapath::load(&args.bpffs_dir).context("loading the datapath")?;
+    let mut dp = BpfDatapath::load(&args.bpffs_dir, datapath::LoadOptions::default())
+        .context("loading the datapath")?;
     let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing());
     dp.attach_cgroup(&args.cgroup_path, &args.bpffs_dir)
         .with_context(|| format!("attaching to cgroup {}", args.cgroup_path.display()))?;
@@ -95,7 +95,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "datapath attached"
     );
 
-    let node = NodeConfig { node_name: args.node_name.clone(), maglev_table_size: args.maglev_table_size };
+    let node = NodeConfig {
+        node_name: args.node_name.clone(),
+        maglev_table_size: args.maglev_table_size,
+    };
     let mut source = ManifestDir::new(&dir);
     let mut logged = BTreeSet::new();
     let mut first = true;
@@ -112,12 +115,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             warn!("{p}");
         }
         if changed || first {
-            sync_once(&source, &node, &mut reconciler, &mut dp, &health, &mut logged, first);
+            sync_once(
+                &source,
+                &node,
+                &mut reconciler,
+                &mut dp,
+                &health,
+                &mut logged,
+                first,
+            );
             first = false;
         }
         sleep_unless_stopped(Duration::from_millis(args.poll_interval_ms));
     }
-    info!("stopping; the datapath stays pinned in {} and keeps serving", args.bpffs_dir.display());
+    info!(
+        "stopping; the datapath stays pinned in {} and keeps serving",
+        args.bpffs_dir.display()
+    );
     Ok(())
 }
 
@@ -157,7 +171,12 @@ fn sync_once(
             "synced"
         );
     } else {
-        info!(writes = stats.writes, errors = stats.errors, took_ms = took.as_secs_f64() * 1e3, "applied changes");
+        info!(
+            writes = stats.writes,
+            errors = stats.errors,
+            took_ms = took.as_secs_f64() * 1e3,
+            "applied changes"
+        );
     }
     health.mark_synced();
 }
@@ -178,4 +197,3 @@ fn sleep_unless_stopped(d: Duration) {
         std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
     }
 }
-

@@ -27,7 +27,10 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        Self { node_name: String::new(), maglev_table_size: DEFAULT_TABLE_SIZE }
+        Self {
+            node_name: String::new(),
+            maglev_table_size: DEFAULT_TABLE_SIZE,
+        }
     }
 }
 
@@ -106,7 +109,11 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
             };
             let local_only = svc.internal_policy == TrafficPolicy::Local;
             let group = add_group(&mut out, svc, port, local_only, internal, node, warn);
-            let flags = if svc.session_affinity { SVC_F_AFFINITY } else { 0 };
+            let flags = if svc.session_affinity {
+                SVC_F_AFFINITY
+            } else {
+                0
+            };
             for ip in &svc.cluster_ips {
                 let key = SvcKey {
                     addr: addr::from_ip(*ip),
@@ -114,7 +121,13 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
                     proto: port.protocol.number(),
                     scope: SCOPE_INTERNAL,
                 };
-                out.frontends.insert(key, Frontend { group: group.clone(), flags });
+                out.frontends.insert(
+                    key,
+                    Frontend {
+                        group: group.clone(),
+                        flags,
+                    },
+                );
             }
         }
     }
@@ -137,9 +150,9 @@ fn add_group(
         local_only,
         table_size: table_size(svc, backends.len(), node, warn),
     };
-    out.groups
-        .entry(key.clone())
-        .or_insert_with(|| Group { backends: backends.to_vec() });
+    out.groups.entry(key.clone()).or_insert_with(|| Group {
+        backends: backends.to_vec(),
+    });
     key
 }
 
@@ -177,7 +190,12 @@ fn table_size(svc: &ServiceInfo, n: usize, node: &NodeConfig, warn: &mut dyn FnM
 /// whose port matches by name and protocol; an address counted once, a ready copy winning over a
 /// terminating one; ready endpoints first, serving-terminating ones only when none is ready
 /// (separately for the cluster-wide and the node-local set).
-fn port_endpoints(inv: &Inventory, svc: &ServiceInfo, port: &ServicePort, node: &str) -> PortEndpoints {
+fn port_endpoints(
+    inv: &Inventory,
+    svc: &ServiceInfo,
+    port: &ServicePort,
+    node: &str,
+) -> PortEndpoints {
     let mut by_addr: BTreeMap<IpAddr, (u16, EndpointInfo)> = BTreeMap::new();
     for slice in inv.slices.values().filter(|s| s.service == svc.id) {
         let Some(sp) = slice
@@ -188,7 +206,11 @@ fn port_endpoints(inv: &Inventory, svc: &ServiceInfo, port: &ServicePort, node: 
             continue;
         };
         for ep in &slice.endpoints {
-            if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ep.addr.is_ipv6()) {
+            if !svc
+                .cluster_ips
+                .iter()
+                .any(|c| c.is_ipv6() == ep.addr.is_ipv6())
+            {
                 continue;
             }
             let better = match by_addr.get(&ep.addr) {
@@ -212,7 +234,10 @@ fn port_endpoints(inv: &Inventory, svc: &ServiceInfo, port: &ServicePort, node: 
                 .iter()
                 .filter(move |(_, (_, ep))| !local_only || ep.node_name.as_deref() == Some(node))
         };
-        let ready: Vec<_> = candidates().filter(|(_, (_, ep))| ep.ready).map(spec).collect();
+        let ready: Vec<_> = candidates()
+            .filter(|(_, (_, ep))| ep.ready)
+            .map(spec)
+            .collect();
         if !ready.is_empty() {
             return ready;
         }
@@ -221,7 +246,10 @@ fn port_endpoints(inv: &Inventory, svc: &ServiceInfo, port: &ServicePort, node: 
             .map(spec)
             .collect()
     };
-    PortEndpoints { all: usable(false), local: usable(true) }
+    PortEndpoints {
+        all: usable(false),
+        local: usable(true),
+    }
 }
 
 /// Which duplicate of an address wins: ready over serving over anything else.

@@ -22,7 +22,9 @@ pub fn on_bpffs(dir: &Path) -> bool {
             return false;
         }
     }
-    let Ok(c) = CString::new(probe.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = CString::new(probe.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs on a valid C string into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     (unsafe { libc::statfs(c.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == BPF_FS_MAGIC
@@ -37,9 +39,9 @@ pub fn join_host_if_hidden(cgroup: &Path, bpffs_dir: &Path) -> io::Result<bool> 
         return Ok(false);
     }
     let own = fs::metadata("/proc/self/ns/mnt")?.ino();
-    let Some(pid) = ancestors().find(|pid| {
-        fs::metadata(format!("/proc/{pid}/ns/mnt")).is_ok_and(|m| m.ino() != own)
-    }) else {
+    let Some(pid) = ancestors()
+        .find(|pid| fs::metadata(format!("/proc/{pid}/ns/mnt")).is_ok_and(|m| m.ino() != own))
+    else {
         return Ok(false);
     };
     let f = fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
@@ -49,7 +51,10 @@ pub fn join_host_if_hidden(cgroup: &Path, bpffs_dir: &Path) -> io::Result<bool> 
     }
     // The cwd still points into the old namespace's tree.
     let _ = std::env::set_current_dir("/");
-    info!(pid, "joined an ancestor's mount namespace: the bpffs/cgroup paths were hidden by a private /sys");
+    info!(
+        pid,
+        "joined an ancestor's mount namespace: the bpffs/cgroup paths were hidden by a private /sys"
+    );
     Ok(visible())
 }
 
@@ -59,7 +64,13 @@ fn ancestors() -> impl Iterator<Item = u32> {
     std::iter::from_fn(move || {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // Field 4 is the ppid; the command (field 2) may contain spaces, so split after ')'.
-        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
         (ppid > 1).then(|| {
             pid = ppid;
             ppid

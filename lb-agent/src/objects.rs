@@ -149,9 +149,7 @@ pub enum ServiceOutcome {
 /// Strict IP parsing: Rust's parser already refuses leading-zero IPv4 octets, so "010.0.0.1"
 /// can never be read as octal (CVE-2021-29923).
 pub fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
-    s.trim()
-        .parse()
-        .map_err(|_| Invalid::BadIp(s.to_string()))
+    s.trim().parse().map_err(|_| Invalid::BadIp(s.to_string()))
 }
 
 fn parse_port(p: i32) -> Result<u16, Invalid> {
@@ -226,7 +224,11 @@ pub fn service(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<ServiceOut
     if ip_texts.is_empty() {
         ip_texts.extend(spec.cluster_ip.iter());
     }
-    if ip_texts.is_empty() || ip_texts.iter().any(|s| s.as_str() == "None" || s.is_empty()) {
+    if ip_texts.is_empty()
+        || ip_texts
+            .iter()
+            .any(|s| s.as_str() == "None" || s.is_empty())
+    {
         return Ok(ServiceOutcome::Ignore(Ignored::Headless));
     }
     let cluster_ips = ip_texts
@@ -237,11 +239,22 @@ pub fn service(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<ServiceOut
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         let port = parse_port(p.port)?;
-        let node_port = p.node_port.filter(|&n| n != 0).map(parse_port).transpose()?;
+        let node_port = p
+            .node_port
+            .filter(|&n| n != 0)
+            .map(parse_port)
+            .transpose()?;
         let name = p.name.clone().unwrap_or_default();
         match parse_protocol(p.protocol.as_deref())? {
-            Some(protocol) => ports.push(ServicePort { name, protocol, port, node_port }),
-            None => warn(format!("port {name:?} ({port}/SCTP) skipped: SCTP is not supported")),
+            Some(protocol) => ports.push(ServicePort {
+                name,
+                protocol,
+                port,
+                node_port,
+            }),
+            None => warn(format!(
+                "port {name:?} ({port}/SCTP) skipped: SCTP is not supported"
+            )),
         }
     }
     let external_ips = spec
@@ -270,7 +283,9 @@ pub fn service(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<ServiceOut
         Some(v) => match v.trim().parse::<u32>() {
             Ok(m) => Some(m),
             Err(_) => {
-                warn(format!("annotation {ANNOTATION_MAGLEV_SIZE}={v:?} is not a number; using the default"));
+                warn(format!(
+                    "annotation {ANNOTATION_MAGLEV_SIZE}={v:?} is not a number; using the default"
+                ));
                 None
             }
         },
@@ -312,17 +327,26 @@ pub fn endpoint_slice(
         let Some(port) = p.port else { continue };
         let port = parse_port(port)?;
         if let Some(protocol) = parse_protocol(p.protocol.as_deref())? {
-            ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), protocol, port });
+            ports.push(SlicePort {
+                name: p.name.clone().unwrap_or_default(),
+                protocol,
+                port,
+            });
         }
     }
     let mut endpoints = Vec::new();
     for ep in &slice.endpoints {
         // kube-proxy uses the first address only.
-        let Some(text) = ep.addresses.first() else { continue };
+        let Some(text) = ep.addresses.first() else {
+            continue;
+        };
         let addr = match parse_ip(text).and_then(check_backend_addr) {
             Ok(a) if a.is_ipv6() == want_v6 => a,
             Ok(a) => {
-                warn(format!("endpoint {a} does not match addressType {}", slice.address_type));
+                warn(format!(
+                    "endpoint {a} does not match addressType {}",
+                    slice.address_type
+                ));
                 continue;
             }
             Err(e) => {
@@ -344,7 +368,12 @@ pub fn endpoint_slice(
             terminating,
         });
     }
-    Ok(Some(SliceInfo { name, service, ports, endpoints }))
+    Ok(Some(SliceInfo {
+        name,
+        service,
+        ports,
+        endpoints,
+    }))
 }
 
 /// All valid objects of one snapshot, keyed for deterministic iteration.
@@ -379,7 +408,8 @@ pub fn inventory<'a>(
         let mut w = |m: String| warn(format!("{label}: {m}"));
         match endpoint_slice(slice, &mut w) {
             Ok(Some(info)) => {
-                inv.slices.insert((info.service.namespace.clone(), info.name.clone()), info);
+                inv.slices
+                    .insert((info.service.namespace.clone(), info.name.clone()), info);
             }
             Ok(None) => {}
             Err(e) => w(format!("invalid, skipped: {e}")),
@@ -388,7 +418,10 @@ pub fn inventory<'a>(
     inv
 }
 
-fn object_label(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+fn object_label(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
     format!(
         "{kind} {}/{}",
         meta.namespace.as_deref().unwrap_or("default"),

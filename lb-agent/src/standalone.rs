@@ -45,7 +45,10 @@ pub type Problem = String;
 
 impl ManifestDir {
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), files: BTreeMap::new() }
+        Self {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+        }
     }
 
     /// Re-reads changed, new and removed files. Returns whether anything changed.
@@ -57,7 +60,9 @@ impl ManifestDir {
             if !is_manifest(&path) {
                 continue;
             }
-            let Ok(meta) = fs::metadata(&path) else { continue };
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
@@ -79,7 +84,11 @@ impl ManifestDir {
                     };
                     problems.push(format!("{}: {e}; {keep}", path.display()));
                     // Remember the signature so an unchanged broken file is not re-reported.
-                    let objects = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
+                    let objects = self
+                        .files
+                        .remove(&path)
+                        .map(|f| f.objects)
+                        .unwrap_or_default();
                     self.files.insert(path, FileState { sig, objects });
                 }
             }
@@ -103,19 +112,31 @@ fn is_manifest(p: &Path) -> bool {
         .file_name()
         .and_then(|n| n.to_str())
         .is_none_or(|n| n.starts_with('.'));
-    !hidden && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    !hidden
+        && matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
 }
 
 fn signature(meta: &fs::Metadata) -> Signature {
     use std::os::unix::fs::MetadataExt;
-    Signature { len: meta.len(), mtime: meta.modified().ok(), ino: meta.ino() }
+    Signature {
+        len: meta.len(),
+        mtime: meta.modified().ok(),
+        ino: meta.ino(),
+    }
 }
 
 fn read_file(path: &Path, problems: &mut Vec<Problem>) -> Result<FileObjects, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut object_problems = Vec::new();
     let objects = parse_documents(&text, &mut object_problems)?;
-    problems.extend(object_problems.into_iter().map(|p| format!("{}: {p}; skipped", path.display())));
+    problems.extend(
+        object_problems
+            .into_iter()
+            .map(|p| format!("{}: {p}; skipped", path.display())),
+    );
     Ok(objects)
 }
 
@@ -125,14 +146,19 @@ fn read_file(path: &Path, problems: &mut Vec<Problem>) -> Result<FileObjects, St
 pub fn parse_documents(text: &str, problems: &mut Vec<Problem>) -> Result<FileObjects, String> {
     let mut out = FileObjects::default();
     for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("invalid YAML: {e}"))?;
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| format!("invalid YAML: {e}"))?;
         add_value(value, &mut out, problems);
     }
     Ok(out)
 }
 
 fn add_value(value: serde_yaml::Value, out: &mut FileObjects, problems: &mut Vec<Problem>) {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
     let name = value
         .get("metadata")
         .and_then(|m| m.get("name"))

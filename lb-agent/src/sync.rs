@@ -166,10 +166,13 @@ impl Reconciler {
 
         // 2. Tables whose backend set changed (or are new).
         for (key, group) in &desired.groups {
-            let applied = self.groups.entry(key.clone()).or_insert_with(|| AppliedGroup {
-                id: self.group_ids.alloc(),
-                backends: None,
-            });
+            let applied = self
+                .groups
+                .entry(key.clone())
+                .or_insert_with(|| AppliedGroup {
+                    id: self.group_ids.alloc(),
+                    backends: None,
+                });
             if applied.backends.as_ref() == Some(&group.backends) {
                 continue;
             }
@@ -194,7 +197,9 @@ impl Reconciler {
 
         // 3. Frontends pointing at those tables.
         for (key, fe) in &desired.frontends {
-            let Some(g) = self.groups.get(&fe.group) else { continue };
+            let Some(g) = self.groups.get(&fe.group) else {
+                continue;
+            };
             let Some(backends) = g.backends.as_ref() else {
                 continue; // its table failed to build; keep whatever is there
             };
@@ -217,8 +222,12 @@ impl Reconciler {
         }
 
         // 4. Removals, in reverse dependency order.
-        let stale: Vec<SvcKey> =
-            self.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
+        let stale: Vec<SvcKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
         for key in stale {
             match dp.del_frontend(&key) {
                 Ok(()) => {
@@ -228,8 +237,12 @@ impl Reconciler {
                 Err(e) => fail(&mut st, format!("remove frontend: {e}")),
             }
         }
-        let stale: Vec<GroupKey> =
-            self.groups.keys().filter(|k| !desired.groups.contains_key(k)).cloned().collect();
+        let stale: Vec<GroupKey> = self
+            .groups
+            .keys()
+            .filter(|k| !desired.groups.contains_key(k))
+            .cloned()
+            .collect();
         for key in stale {
             if let Some(g) = self.groups.remove(&key) {
                 if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
@@ -253,8 +266,12 @@ impl Reconciler {
             st.writes += 1;
             self.group_ids.free(id);
         }
-        let stale: Vec<Backend> =
-            self.backends.keys().filter(|b| !wanted.contains(b)).copied().collect();
+        let stale: Vec<Backend> = self
+            .backends
+            .keys()
+            .filter(|b| !wanted.contains(b))
+            .copied()
+            .collect();
         for b in stale {
             if let Some(id) = self.backends.remove(&b) {
                 st.writes += 1;
@@ -283,10 +300,17 @@ fn build_table(
     let slots = maglev::build(&idents, size, seed).map_err(|e| e.to_string())?;
     let by_index: Vec<u32> = backends
         .iter()
-        .map(|b| ids.get(&backend_value(b)).copied().ok_or("backend not written"))
+        .map(|b| {
+            ids.get(&backend_value(b))
+                .copied()
+                .ok_or("backend not written")
+        })
         .collect::<Result<_, _>>()?;
     Ok(slots
         .iter()
-        .map(|&i| MaglevSlot { backend: by_index[i as usize], prev: 0 })
+        .map(|&i| MaglevSlot {
+            backend: by_index[i as usize],
+            prev: 0,
+        })
         .collect())
 }

@@ -86,9 +86,16 @@ impl Agent {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
         let child = LabChild::new(child, format!("lb-agent on {}", node.name));
-        Ok(Self { node, bin, log, child: Some(child) })
+        Ok(Self {
+            node,
+            bin,
+            log,
+            child: Some(child),
+        })
     }
 
     pub fn node(&self) -> &Node {
@@ -116,7 +123,10 @@ impl Agent {
         let what = format!("lb-agent on {} to log `synced`", self.node.name);
         let res = poll_until(timeout, Duration::from_millis(20), &what, || {
             if let Some(status) = self.exited()? {
-                bail!("lb-agent on {} exited ({status}) before syncing", self.node.name);
+                bail!(
+                    "lb-agent on {} exited ({status}) before syncing",
+                    self.node.name
+                );
             }
             Ok(self.log().lines().any(|l| l.contains("synced")))
         });
@@ -175,11 +185,18 @@ fn unique_log(dir: &Path, node: &str) -> Result<PathBuf> {
 impl Drop for Agent {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- lb-agent on {} ({}), last lines:\n{}", self.node.name, self.log.display(), self.log_tail(40));
+            eprintln!(
+                "--- lb-agent on {} ({}), last lines:\n{}",
+                self.node.name,
+                self.log.display(),
+                self.log_tail(40)
+            );
         }
         let running = self.is_running();
         if let Some(mut child) = self.child.take() {
-            child.signal_and_wait(libc::SIGKILL, Duration::from_secs(10)).ok();
+            child
+                .signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
+                .ok();
         }
         // Normally runs while the node still exists (agents are declared after their lab, so
         // dropped first). If not, it fails harmlessly: the lab has removed everything.

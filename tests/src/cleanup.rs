@@ -22,7 +22,11 @@ pub const STEM: &str = "kplab";
 /// A prefix unique among the labs of all processes on this host.
 pub fn new_prefix() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{STEM}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{STEM}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// `kplab-<pid>-<token>[-rest]` -> (`kplab-<pid>-<token>`, pid).
@@ -37,7 +41,10 @@ fn parse_prefix(name: &str) -> Option<(String, u32)> {
 }
 
 fn belongs(name: &str, prefix: &str) -> bool {
-    name == prefix || name.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('-'))
+    name == prefix
+        || name
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('-'))
 }
 
 /// Directories whose entries may belong to a lab.
@@ -53,7 +60,10 @@ fn places() -> Result<[PathBuf; 4]> {
 
 fn entries(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -61,7 +71,12 @@ fn entries(dir: &Path) -> Vec<String> {
 pub fn leftovers(prefix: &str) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for dir in places()? {
-        found.extend(entries(&dir).into_iter().filter(|n| belongs(n, prefix)).map(|n| dir.join(n)));
+        found.extend(
+            entries(&dir)
+                .into_iter()
+                .filter(|n| belongs(n, prefix))
+                .map(|n| dir.join(n)),
+        );
     }
     Ok(found)
 }
@@ -96,7 +111,10 @@ pub fn remove_prefix(prefix: &str) -> Result<()> {
             errors.push(format!("{e:#}"));
         }
     }
-    for name in entries(Path::new(netns::NETNS_DIR)).iter().filter(|n| belongs(n, prefix)) {
+    for name in entries(Path::new(netns::NETNS_DIR))
+        .iter()
+        .filter(|n| belongs(n, prefix))
+    {
         if let Err(e) = netns::delete(name) {
             errors.push(format!("{e:#}"));
         }
@@ -109,17 +127,29 @@ pub fn remove_prefix(prefix: &str) -> Result<()> {
     for dir in [Path::new(host::BPFFS).to_path_buf(), std::env::temp_dir()] {
         for name in entries(&dir).iter().filter(|n| belongs(n, prefix)) {
             let path = dir.join(name);
-            let res = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let res = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
             if let Err(e) = res.or_else(ignore_not_found) {
                 errors.push(format!("removing {}: {e}", path.display()));
             }
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(anyhow!("cleanup of {prefix}: {}", errors.join("; "))) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("cleanup of {prefix}: {}", errors.join("; ")))
+    }
 }
 
 fn ignore_not_found(e: io::Error) -> io::Result<()> {
-    if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
 }
 
 /// SIGKILLs the whole subtree and waits until it is empty.
@@ -207,7 +237,10 @@ mod tests {
 
     #[test]
     fn prefixes_parse_and_match() {
-        assert_eq!(parse_prefix("kplab-12-3-node1"), Some(("kplab-12-3".into(), 12)));
+        assert_eq!(
+            parse_prefix("kplab-12-3-node1"),
+            Some(("kplab-12-3".into(), 12))
+        );
         assert_eq!(parse_prefix("kplab-12-3"), Some(("kplab-12-3".into(), 12)));
         assert_eq!(parse_prefix("kplab-x-3"), None);
         assert_eq!(parse_prefix("kplb"), None);

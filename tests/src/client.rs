@@ -118,10 +118,14 @@ pub struct Attempt {
 
 impl Attempt {
     pub fn parse(line: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(line).with_context(|| format!("bad client line {line:?}"))?;
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("bad client line {line:?}"))?;
         let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
         Ok(Self {
-            ok: v.get("ok").and_then(Value::as_bool).with_context(|| format!("no ok in {line:?}"))?,
+            ok: v
+                .get("ok")
+                .and_then(Value::as_bool)
+                .with_context(|| format!("no ok in {line:?}"))?,
             body: s("body"),
             peer: s("peer"),
             from: s("from"),
@@ -144,10 +148,16 @@ impl Attempt {
 
 /// Parses the client's stdout; every non-empty line must be an attempt.
 pub fn parse_output(stdout: &str, expected: u32) -> Result<Vec<Attempt>> {
-    let attempts: Vec<Attempt> =
-        stdout.lines().filter(|l| !l.trim().is_empty()).map(Attempt::parse).collect::<Result<_>>()?;
+    let attempts: Vec<Attempt> = stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(Attempt::parse)
+        .collect::<Result<_>>()?;
     if attempts.len() != expected as usize {
-        bail!("expected {expected} attempts, got {}:\n{stdout}", attempts.len());
+        bail!(
+            "expected {expected} attempts, got {}:\n{stdout}",
+            attempts.len()
+        );
     }
     Ok(attempts)
 }
@@ -167,8 +177,10 @@ mod tests {
 
     #[test]
     fn parses_success_and_failure_lines() {
-        let ok = Attempt::parse(r#"{"ok":true,"body":"pod-a","peer":"1.2.3.4:80","local":"10.0.0.1:5","ms":1.5}"#)
-            .unwrap();
+        let ok = Attempt::parse(
+            r#"{"ok":true,"body":"pod-a","peer":"1.2.3.4:80","local":"10.0.0.1:5","ms":1.5}"#,
+        )
+        .unwrap();
         assert_eq!(ok.outcome(), "pod-a");
         assert_eq!(ok.peer.as_deref(), Some("1.2.3.4:80"));
         let err = Attempt::parse(r#"{"ok":false,"error":"ECONNREFUSED","ms":0.2}"#).unwrap();

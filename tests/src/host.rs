@@ -42,7 +42,10 @@ fn prepare() -> Result<Host> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("not running as root (euid 0)");
     }
-    let ip = Command::new("ip").arg("-V").output().context("running `ip -V` (iproute2 missing?)")?;
+    let ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .context("running `ip -V` (iproute2 missing?)")?;
     if !ip.status.success() {
         bail!("`ip -V` failed");
     }
@@ -63,7 +66,10 @@ fn prepare() -> Result<Host> {
         crate::netns::add(&probe)?;
         crate::netns::delete(&probe)?;
     }
-    Ok(Host { cgroup2, mounted_cgroup2 })
+    Ok(Host {
+        cgroup2,
+        mounted_cgroup2,
+    })
 }
 
 /// An exclusive flock on [`LOCK_FILE`], released on drop (when the file closes).
@@ -73,7 +79,9 @@ pub(crate) struct HostLock {
 
 impl HostLock {
     pub(crate) fn acquire() -> Result<Self> {
-        let dir = Path::new(LOCK_FILE).parent().context("lock file has no parent")?;
+        let dir = Path::new(LOCK_FILE)
+            .parent()
+            .context("lock file has no parent")?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let file = File::options()
             .create(true)
@@ -121,20 +129,31 @@ fn mounts() -> Result<Vec<(PathBuf, String, String)>> {
             let root = l.nth(3)?;
             let mount_point = l.next()?;
             let fstype = right.split(' ').next()?;
-            Some((PathBuf::from(unescape(mount_point)), fstype.to_owned(), unescape(root)))
+            Some((
+                PathBuf::from(unescape(mount_point)),
+                fstype.to_owned(),
+                unescape(root),
+            ))
         })
         .collect())
 }
 
 /// The fs type mounted at `path` (the topmost mount), if any.
 fn find_mount_at(path: &Path) -> Result<Option<String>> {
-    Ok(mounts()?.into_iter().rev().find(|(p, _, _)| p == path).map(|(_, ty, _)| ty))
+    Ok(mounts()?
+        .into_iter()
+        .rev()
+        .find(|(p, _, _)| p == path)
+        .map(|(_, ty, _)| ty))
 }
 
 /// The first mount of `fstype` that shows its filesystem's root (a cgroup namespace's
 /// root counts), else any mount of that type.
 fn find_mount(fstype: &str) -> Result<Option<PathBuf>> {
-    let all: Vec<_> = mounts()?.into_iter().filter(|(_, ty, _)| ty == fstype).collect();
+    let all: Vec<_> = mounts()?
+        .into_iter()
+        .filter(|(_, ty, _)| ty == fstype)
+        .collect();
     let root = all.iter().find(|(_, _, root)| root == "/");
     Ok(root.or(all.first()).map(|(p, _, _)| p.clone()))
 }
@@ -145,7 +164,9 @@ fn unescape(s: &str) -> String {
     let mut rest = s;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(b) => {
                 out.push(char::from(b));

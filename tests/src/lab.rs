@@ -29,8 +29,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
+    cleanup,
     client::{self, Attempt, Request},
-    cleanup, host, netns,
+    host, netns,
     poll::poll_until,
     process::{LabChild, output_with_timeout},
 };
@@ -96,7 +97,10 @@ pub struct Lab {
 
 const FABRIC: &str = "fabric";
 /// What a node needs to forward between pods and nodes with no surprises.
-const ROUTER_SYSCTLS: [(&str, &str); 2] = [("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")];
+const ROUTER_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv6.conf.all.forwarding", "1"),
+];
 const COMMON_SYSCTLS: [(&str, &str); 4] = [
     ("net.ipv6.conf.all.accept_dad", "0"),
     ("net.ipv6.conf.default.accept_dad", "0"),
@@ -128,9 +132,14 @@ impl Lab {
         };
         // From here on, Drop removes whatever part was built if a step fails.
         fs::create_dir(&lab.tmp).with_context(|| format!("creating {}", lab.tmp.display()))?;
-        fs::create_dir(&lab.cgroup).with_context(|| format!("creating {}", lab.cgroup.display()))?;
+        fs::create_dir(&lab.cgroup)
+            .with_context(|| format!("creating {}", lab.cgroup.display()))?;
         let fabric = lab.add_ns(FABRIC, Role::Fabric, lab.cgroup.join(FABRIC), None, None)?;
-        let batch = ["link set lo up", "link add br0 type bridge mcast_snooping 0", "link set br0 up"];
+        let batch = [
+            "link set lo up",
+            "link add br0 type bridge mcast_snooping 0",
+            "link set br0 up",
+        ];
         netns::ip_batch(&fabric, &batch.map(String::from))?;
         for k in 1..=nodes {
             lab.add_node(k, nodes)?;
@@ -149,12 +158,21 @@ impl Lab {
             ipv6: node_ipv6(k),
             name: name.clone(),
         };
-        self.add_ns(&name, Role::Node(k), node.cgroup.clone(), Some(node.ipv4), Some(node.ipv6))?;
+        self.add_ns(
+            &name,
+            Role::Node(k),
+            node.cgroup.clone(),
+            Some(node.ipv4),
+            Some(node.ipv6),
+        )?;
         netns::sysctls(&node.netns, &ROUTER_SYSCTLS)?;
         netns::ip_batch(
             &self.netns_name(FABRIC),
             &[
-                format!("link add n{k} type veth peer name eth0 netns {}", node.netns),
+                format!(
+                    "link add n{k} type veth peer name eth0 netns {}",
+                    node.netns
+                ),
                 format!("link set n{k} master br0"),
                 format!("link set n{k} up"),
             ],
@@ -175,7 +193,8 @@ impl Lab {
             batch.push(format!("route add {v6} via {}", node_ipv6(j)));
         }
         netns::ip_batch(&node.netns, &batch)?;
-        fs::create_dir_all(&node.bpffs).with_context(|| format!("creating {}", node.bpffs.display()))?;
+        fs::create_dir_all(&node.bpffs)
+            .with_context(|| format!("creating {}", node.bpffs.display()))?;
         self.nodes.push(node);
         Ok(())
     }
@@ -185,9 +204,16 @@ impl Lab {
     pub fn add_pod(&mut self, node: usize, name: &str, v4: &str, v6: Option<&str>) -> Result<&Ns> {
         let host = self.node(node)?.clone();
         let ipv4: Ipv4Addr = v4.parse().with_context(|| format!("pod IPv4 {v4:?}"))?;
-        let ipv6: Option<Ipv6Addr> =
-            v6.map(|a| a.parse().with_context(|| format!("pod IPv6 {a:?}"))).transpose()?;
-        let pod_netns = self.add_ns(name, Role::Pod { node }, host.cgroup.join(name), Some(ipv4), ipv6)?;
+        let ipv6: Option<Ipv6Addr> = v6
+            .map(|a| a.parse().with_context(|| format!("pod IPv6 {a:?}")))
+            .transpose()?;
+        let pod_netns = self.add_ns(
+            name,
+            Role::Pod { node },
+            host.cgroup.join(name),
+            Some(ipv4),
+            ipv6,
+        )?;
         self.links += 1;
         let veth = format!("lxc{}", self.links);
         let mut on_node = vec![
@@ -218,8 +244,16 @@ impl Lab {
     /// and a default route via node1, so ExternalIPs and LoadBalancer IPs go to node1. Its
     /// cgroup is `<lab cgroup>/<name>`, outside every node's subtree.
     pub fn add_external_client(&mut self, name: &str, v4: &str) -> Result<&Ns> {
-        let ipv4: Ipv4Addr = v4.parse().with_context(|| format!("external IPv4 {v4:?}"))?;
-        let client_netns = self.add_ns(name, Role::External, self.cgroup.join(name), Some(ipv4), None)?;
+        let ipv4: Ipv4Addr = v4
+            .parse()
+            .with_context(|| format!("external IPv4 {v4:?}"))?;
+        let client_netns = self.add_ns(
+            name,
+            Role::External,
+            self.cgroup.join(name),
+            Some(ipv4),
+            None,
+        )?;
         self.links += 1;
         let port = format!("x{}", self.links);
         netns::ip_batch(
@@ -254,7 +288,9 @@ impl Lab {
     ) -> Result<String> {
         let valid = !name.is_empty()
             && name.len() <= 40
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
             bail!("namespace name {name:?}: use 1-40 of [a-z0-9-]");
         }
@@ -264,7 +300,14 @@ impl Lab {
         let full = self.netns_name(name);
         netns::add(&full)?;
         fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
-        let ns = Ns { name: name.into(), netns: full.clone(), cgroup, role, ipv4, ipv6 };
+        let ns = Ns {
+            name: name.into(),
+            netns: full.clone(),
+            cgroup,
+            role,
+            ipv4,
+            ipv6,
+        };
         self.spaces.insert(name.into(), ns);
         netns::sysctls(&full, &COMMON_SYSCTLS)?;
         Ok(full)
@@ -291,7 +334,9 @@ impl Lab {
 
     /// Node `k`, 1-based.
     pub fn node(&self, k: usize) -> Result<&Node> {
-        k.checked_sub(1).and_then(|i| self.nodes.get(i)).with_context(|| format!("no node {k} in this lab"))
+        k.checked_sub(1)
+            .and_then(|i| self.nodes.get(i))
+            .with_context(|| format!("no node {k} in this lab"))
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -299,7 +344,9 @@ impl Lab {
     }
 
     pub fn ns(&self, name: &str) -> Result<&Ns> {
-        self.spaces.get(name).with_context(|| format!("no namespace {name:?} in this lab"))
+        self.spaces
+            .get(name)
+            .with_context(|| format!("no namespace {name:?} in this lab"))
     }
 
     /// A command for `argv` that will run inside `ns`'s netns and cgroup.
@@ -312,8 +359,12 @@ impl Lab {
     /// child), stderr appended to a log file in [`Lab::tmp_dir`]. Killed when dropped.
     pub fn spawn(&self, ns: &str, argv: &[&str]) -> Result<LabChild> {
         let mut cmd = self.command(ns, argv)?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(self.log_file(ns)?);
-        let child = cmd.spawn().with_context(|| format!("spawning {argv:?} in {ns}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(self.log_file(ns)?);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {argv:?} in {ns}"))?;
         Ok(LabChild::new(child, format!("{argv:?} in {ns}")))
     }
 
@@ -326,7 +377,11 @@ impl Lab {
     pub fn run_ok(&self, ns: &str, argv: &[&str]) -> Result<String> {
         let out = self.run(ns, argv)?;
         if !out.status.success() {
-            bail!("{argv:?} in {ns}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{argv:?} in {ns}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -347,9 +402,20 @@ impl Lab {
     /// connections and every UDP port answers. The lab owns the process.
     pub fn start_backend(&self, ns: &str, tcp: &[u16], udp: &[u16]) -> Result<()> {
         let bin = netexec_bin()?;
-        let join = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let join = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let (tcp_list, udp_list) = (join(tcp), join(udp));
-        let mut argv = vec![bin.to_str().context("netexec path is not UTF-8")?, "serve", "--name", ns];
+        let mut argv = vec![
+            bin.to_str().context("netexec path is not UTF-8")?,
+            "serve",
+            "--name",
+            ns,
+        ];
         if !tcp.is_empty() {
             argv.extend(["--tcp", &tcp_list]);
         }
@@ -358,23 +424,42 @@ impl Lab {
         }
         let log = self.tmp.join(format!("{ns}-netexec.log"));
         let mut cmd = self.command(ns, &argv)?;
-        let log_file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
-        let child = cmd.spawn().with_context(|| format!("spawning netexec in {ns}"))?;
-        self.lock_backends().push((ns.to_owned(), LabChild::new(child, format!("netexec serve in {ns}"))));
+        let log_file =
+            fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning netexec in {ns}"))?;
+        self.lock_backends().push((
+            ns.to_owned(),
+            LabChild::new(child, format!("netexec serve in {ns}")),
+        ));
 
-        poll_until(Duration::from_secs(10), Duration::from_millis(10), &format!("netexec in {ns}"), || {
-            if let Some(status) = self.backend_exit(ns)? {
-                bail!("netexec in {ns} exited ({status}): {}", fs::read_to_string(&log).unwrap_or_default());
-            }
-            self.in_netns(ns, || Ok(probe_ports(ns, tcp, udp)))
-        })
+        poll_until(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            &format!("netexec in {ns}"),
+            || {
+                if let Some(status) = self.backend_exit(ns)? {
+                    bail!(
+                        "netexec in {ns} exited ({status}): {}",
+                        fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                self.in_netns(ns, || Ok(probe_ports(ns, tcp, udp)))
+            },
+        )
     }
 
     /// SIGTERMs the backend started in `ns` and waits for it.
     pub fn stop_backend(&self, ns: &str) -> Result<()> {
         let mut backends = self.lock_backends();
-        let i = backends.iter().position(|(n, _)| n == ns).with_context(|| format!("no backend in {ns}"))?;
+        let i = backends
+            .iter()
+            .position(|(n, _)| n == ns)
+            .with_context(|| format!("no backend in {ns}"))?;
         let (_, mut child) = backends.remove(i);
         drop(backends);
         child.signal_and_wait(libc::SIGTERM, Duration::from_secs(5))?;
@@ -403,7 +488,11 @@ impl Lab {
         let out = output_with_timeout(self.command(ns, &argv)?, req.worst_case())?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("netexec client {args:?} in {ns}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "netexec client {args:?} in {ns}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         client::parse_output(&stdout, req.attempts())
     }
@@ -422,7 +511,9 @@ impl Lab {
 /// True when every TCP port accepts on loopback and every UDP port answers `hostname`.
 fn probe_ports(name: &str, tcp: &[u16], udp: &[u16]) -> bool {
     let timeout = Duration::from_millis(200);
-    let tcp_ok = tcp.iter().all(|&p| TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, p).into(), timeout).is_ok());
+    let tcp_ok = tcp
+        .iter()
+        .all(|&p| TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, p).into(), timeout).is_ok());
     tcp_ok
         && udp.iter().all(|&p| {
             let answer = || -> std::io::Result<bool> {
@@ -452,8 +543,12 @@ pub fn netexec_bin() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().context("current_exe")?;
-    let candidates: Vec<PathBuf> =
-        exe.ancestors().skip(1).take(2).map(|dir| dir.join("netexec")).collect();
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("netexec"))
+        .collect();
     candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
         format!(
             "netexec not found (looked at {candidates:?}); build it with `cargo build -p lb-tests --bins` \

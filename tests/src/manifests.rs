@@ -56,7 +56,13 @@ impl Port {
     }
 
     pub fn new(protocol: Protocol, port: u16, target_port: u16) -> Self {
-        Self { name: None, protocol, port, target_port: Some(json!(target_port)), node_port: None }
+        Self {
+            name: None,
+            protocol,
+            port,
+            target_port: Some(json!(target_port)),
+            node_port: None,
+        }
     }
 
     /// Required by Kubernetes when a Service has more than one port.
@@ -194,14 +200,24 @@ impl Service {
             spec.insert("clusterIP".into(), json!(first));
             spec.insert("clusterIPs".into(), json!(self.cluster_ips));
             if first != "None" {
-                let families: Vec<&str> =
-                    self.cluster_ips.iter().map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" }).collect();
-                let policy = if families.len() > 1 { "RequireDualStack" } else { "SingleStack" };
+                let families: Vec<&str> = self
+                    .cluster_ips
+                    .iter()
+                    .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" })
+                    .collect();
+                let policy = if families.len() > 1 {
+                    "RequireDualStack"
+                } else {
+                    "SingleStack"
+                };
                 spec.insert("ipFamilies".into(), json!(families));
                 spec.insert("ipFamilyPolicy".into(), json!(policy));
             }
         }
-        spec.insert("ports".into(), Value::Array(self.ports.iter().map(Port::to_json).collect()));
+        spec.insert(
+            "ports".into(),
+            Value::Array(self.ports.iter().map(Port::to_json).collect()),
+        );
         if let Some(p) = &self.external_traffic_policy {
             spec.insert("externalTrafficPolicy".into(), json!(p));
         }
@@ -228,7 +244,11 @@ impl Service {
             "spec": spec,
         });
         if !self.load_balancer_ips.is_empty() {
-            let ingress: Vec<Value> = self.load_balancer_ips.iter().map(|ip| json!({"ip": ip})).collect();
+            let ingress: Vec<Value> = self
+                .load_balancer_ips
+                .iter()
+                .map(|ip| json!({"ip": ip}))
+                .collect();
             doc["status"] = json!({"loadBalancer": {"ingress": ingress}});
         }
         doc
@@ -285,7 +305,9 @@ impl Endpoint {
 
     /// A ready, serving, not terminating endpoint on `node`: what a healthy pod looks like.
     pub fn ready_on(address: &str, node: &str) -> Self {
-        Self::new(address).node(node).conditions(Some(true), Some(true), Some(false))
+        Self::new(address)
+            .node(node)
+            .conditions(Some(true), Some(true), Some(false))
     }
 
     pub fn node(mut self, node: &str) -> Self {
@@ -293,7 +315,12 @@ impl Endpoint {
         self
     }
 
-    pub fn conditions(mut self, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> Self {
+    pub fn conditions(
+        mut self,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+    ) -> Self {
         (self.ready, self.serving, self.terminating) = (ready, serving, terminating);
         self
     }
@@ -313,7 +340,11 @@ impl Endpoint {
         let mut m = Map::new();
         m.insert("addresses".into(), json!(self.addresses));
         let mut conditions = Map::new();
-        for (key, value) in [("ready", self.ready), ("serving", self.serving), ("terminating", self.terminating)] {
+        for (key, value) in [
+            ("ready", self.ready),
+            ("serving", self.serving),
+            ("terminating", self.terminating),
+        ] {
             if let Some(v) = value {
                 conditions.insert(key.into(), json!(v));
             }
@@ -326,7 +357,10 @@ impl Endpoint {
             m.insert("zone".into(), json!(zone));
         }
         if let Some(pod) = &self.pod {
-            m.insert("targetRef".into(), json!({"kind": "Pod", "name": pod, "namespace": namespace}));
+            m.insert(
+                "targetRef".into(),
+                json!({"kind": "Pod", "name": pod, "namespace": namespace}),
+            );
         }
         Value::Object(m)
     }
@@ -380,8 +414,14 @@ impl EndpointSlice {
 
     pub fn to_json(&self) -> Value {
         let labels = BTreeMap::from([
-            ("kubernetes.io/service-name".to_owned(), self.service.clone()),
-            ("endpointslice.kubernetes.io/managed-by".to_owned(), "kplb-lab".to_owned()),
+            (
+                "kubernetes.io/service-name".to_owned(),
+                self.service.clone(),
+            ),
+            (
+                "endpointslice.kubernetes.io/managed-by".to_owned(),
+                "kplb-lab".to_owned(),
+            ),
         ]);
         let ports: Vec<Value> = self
             .ports
@@ -390,7 +430,11 @@ impl EndpointSlice {
                 json!({"name": name.as_deref().unwrap_or(""), "protocol": protocol.as_str(), "port": port})
             })
             .collect();
-        let endpoints: Vec<Value> = self.endpoints.iter().map(|e| e.to_json(&self.namespace)).collect();
+        let endpoints: Vec<Value> = self
+            .endpoints
+            .iter()
+            .map(|e| e.to_json(&self.namespace))
+            .collect();
         json!({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -415,7 +459,11 @@ pub fn write(dir: &Path, file_name: &str, docs: &[Value]) -> Result<PathBuf> {
     }
     let target = dir.join(file_name);
     // A dot-name without a .yaml suffix: not a manifest to the agent while it is being written.
-    let tmp = dir.join(format!(".{file_name}.{}-{}.tmp", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let tmp = dir.join(format!(
+        ".{file_name}.{}-{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &target).with_context(|| format!("renaming to {}", target.display()))?;
     Ok(target)
@@ -446,8 +494,14 @@ mod tests {
             .to_json();
         assert_eq!(svc["spec"]["clusterIPs"], json!(["172.30.0.10"]));
         assert_eq!(svc["spec"]["ipFamilies"], json!(["IPv4"]));
-        assert_eq!(svc["spec"]["ports"][1], json!({"name":"dns","protocol":"UDP","port":53,"targetPort":5353,"nodePort":30053}));
-        assert_eq!(svc["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"], 10800);
+        assert_eq!(
+            svc["spec"]["ports"][1],
+            json!({"name":"dns","protocol":"UDP","port":53,"targetPort":5353,"nodePort":30053})
+        );
+        assert_eq!(
+            svc["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+            10800
+        );
     }
 
     #[test]
@@ -456,8 +510,14 @@ mod tests {
             .port(Some("http"), Protocol::Tcp, 8080)
             .endpoint(Endpoint::ready_on("10.0.1.10", "node1").pod("pod-a"))
             .to_json();
-        assert_eq!(slice["metadata"]["labels"]["kubernetes.io/service-name"], "web");
-        assert_eq!(slice["endpoints"][0]["conditions"], json!({"ready":true,"serving":true,"terminating":false}));
+        assert_eq!(
+            slice["metadata"]["labels"]["kubernetes.io/service-name"],
+            "web"
+        );
+        assert_eq!(
+            slice["endpoints"][0]["conditions"],
+            json!({"ready":true,"serving":true,"terminating":false})
+        );
         assert_eq!(slice["endpoints"][0]["nodeName"], "node1");
     }
 
@@ -467,7 +527,11 @@ mod tests {
         let path = write(&dir, "web.yaml", &[json!({"a": 1}), json!({"b": 2})]).unwrap();
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(text.matches("---\n").count(), 2);
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temp file left behind");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temp file left behind"
+        );
         remove(&dir, "web.yaml").unwrap();
         remove(&dir, "web.yaml").unwrap();
         fs::remove_dir(&dir).unwrap();

@@ -26,9 +26,15 @@ pub fn path(name: &str) -> PathBuf {
 
 /// `ip netns add NAME`.
 pub fn add(name: &str) -> Result<()> {
-    let out = Command::new("ip").args(["netns", "add", name]).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(["netns", "add", name])
+        .output()
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -96,7 +102,9 @@ pub fn ip_batch(name: &str, commands: &[String]) -> Result<()> {
         .spawn()
         .context("spawning ip -batch")?;
     let mut stdin = child.stdin.take().context("ip stdin")?;
-    stdin.write_all(commands.join("\n").as_bytes()).context("writing ip batch")?;
+    stdin
+        .write_all(commands.join("\n").as_bytes())
+        .context("writing ip batch")?;
     drop(stdin);
     let out = child.wait_with_output().context("waiting for ip -batch")?;
     if !out.status.success() {
@@ -117,7 +125,10 @@ pub fn command(name: &str, cgroup: Option<&Path>, argv: &[&str]) -> Result<Comma
     let procs = cgroup
         .map(|cg| {
             let file = cg.join("cgroup.procs");
-            OpenOptions::new().write(true).open(&file).with_context(|| format!("opening {}", file.display()))
+            OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .with_context(|| format!("opening {}", file.display()))
         })
         .transpose()?;
     let mut cmd = Command::new(program);

@@ -57,12 +57,22 @@ mod tests {
     #[test]
     fn returns_value_or_times_out() {
         let mut n = 0;
-        let v = poll_until(Duration::from_secs(1), Duration::from_millis(1), "n", || {
-            n += 1;
-            Ok((n == 3).then_some(n))
-        });
+        let v = poll_until(
+            Duration::from_secs(1),
+            Duration::from_millis(1),
+            "n",
+            || {
+                n += 1;
+                Ok((n == 3).then_some(n))
+            },
+        );
         assert_eq!(v.unwrap(), 3);
-        let err = poll_until(Duration::from_millis(20), Duration::from_millis(5), "never", || Ok(false));
+        let err = poll_until(
+            Duration::from_millis(20),
+            Duration::from_millis(5),
+            "never",
+            || Ok(false),
+        );
         assert!(err.unwrap_err().to_string().contains("never"));
     }
 }

@@ -19,7 +19,10 @@ pub struct LabChild {
 
 impl LabChild {
     pub fn new(child: Child, what: impl Into<String>) -> Self {
-        Self { child, what: what.into() }
+        Self {
+            child,
+            what: what.into(),
+        }
     }
 
     pub fn what(&self) -> &str {
@@ -28,7 +31,9 @@ impl LabChild {
 
     /// The exit status, if it has exited (reaps it).
     pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
-        self.child.try_wait().with_context(|| format!("waiting for {}", self.what))
+        self.child
+            .try_wait()
+            .with_context(|| format!("waiting for {}", self.what))
     }
 
     /// Sends `signal` and waits up to `timeout` for the exit; SIGKILL after that.
@@ -46,7 +51,10 @@ impl LabChild {
             }
             if Instant::now() >= deadline {
                 self.child.kill().ok();
-                return self.child.wait().with_context(|| format!("reaping {}", self.what));
+                return self
+                    .child
+                    .wait()
+                    .with_context(|| format!("reaping {}", self.what));
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -78,8 +86,13 @@ impl Drop for LabChild {
 /// Runs `cmd` to completion with captured output; kills it after `timeout`.
 pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
     let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = LabChild::new(cmd.spawn().with_context(|| format!("spawning {what}"))?, &what);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = LabChild::new(
+        cmd.spawn().with_context(|| format!("spawning {what}"))?,
+        &what,
+    );
     let mut stdout = child.stdout.take().context("stdout")?;
     let mut stderr = child.stderr.take().context("stderr")?;
     // Drain both pipes concurrently so a chatty child cannot block on a full pipe.
@@ -100,7 +113,15 @@ pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output
         }
         thread::sleep(Duration::from_millis(2));
     };
-    let stdout = out_reader.join().map_err(|_| anyhow::anyhow!("stdout reader panicked"))??;
-    let stderr = err_reader.join().map_err(|_| anyhow::anyhow!("stderr reader panicked"))??;
-    Ok(Output { status, stdout, stderr })
+    let stdout = out_reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("stdout reader panicked"))??;
+    let stderr = err_reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("stderr reader panicked"))??;
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
