@@ -2,6 +2,7 @@
 pub mod cli;
 pub mod datapath;
 pub mod health;
+pub mod k8s;
 pub mod model;
 pub mod mountns;
 pub mod objects;

@@ -11,11 +11,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use clap::Parser as _;
 use lb_agent::{
     cli::{Cli, Command, RunArgs},
     datapath::{self, BpfDatapath},
     health::{self, Health},
+    k8s::KubeSource,
     model::{self, NodeConfig},
     mountns, objects,
     standalone::ManifestDir,
@@ -60,16 +62,46 @@ fn install_signal_handlers() {
     }
 }
 
+/// Where Services and EndpointSlices come from.
+enum Source {
+    Dir(ManifestDir),
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Whether the objects changed since the last call (reports file problems on the way).
+    fn changed(&mut self, coalesce: Duration) -> bool {
+        match self {
+            Self::Dir(dir) => {
+                let mut problems = Vec::new();
+                let changed = dir.poll(&mut problems).unwrap_or_else(|e| {
+                    warn!("reading manifests: {e}");
+                    false
+                });
+                for p in &problems {
+                    warn!("{p}");
+                }
+                changed
+            }
+            Self::Kube(kube) => kube.take_change(coalesce),
+        }
+    }
+
+    fn snapshot(&self) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
+        match self {
+            Self::Dir(dir) => (
+                dir.services().cloned().map(Arc::new).collect(),
+                dir.slices().cloned().map(Arc::new).collect(),
+            ),
+            Self::Kube(kube) => (kube.services(), kube.slices()),
+        }
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     mountns::join_host_if_hidden(&args.cgroup_path, &args.bpffs_dir)
         .context("joining the host mount namespace")?;
     install_signal_handlers();
-    let Some(dir) = args.manifests.clone() else {
-        bail!("the Kubernetes API source is not built into this version; pass --manifests DIR");
-    };
-    if !dir.is_dir() {
-        bail!("--manifests {}: not a directory", dir.display());
-    }
     if !lb_common::maglev::is_supported_size(args.maglev_table_size) {
         bail!(
             "--maglev-table-size {} is not supported; use one of {:?}",
@@ -77,14 +109,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             lb_common::maglev::SUPPORTED_TABLE_SIZES
         );
     }
+    let mut source = match &args.manifests {
+        Some(dir) if !dir.is_dir() => bail!("--manifests {}: not a directory", dir.display()),
+        Some(dir) => Source::Dir(ManifestDir::new(dir)),
+        None => Source::Kube(KubeSource::start(&args.node_name).context("Kubernetes API source")?),
+    };
     let health = Arc::new(Health::default());
     health::serve(args.healthz_bind, health.clone()).context("healthz server")?;
     if args.metrics_bind != args.healthz_bind {
         health::serve(args.metrics_bind, health.clone()).context("metrics server")?;
     }
 
-    let mut dp = BpfDatapath::load(&args.bpffs_dir, datapath::LoadOptions::default())
-        .context("loading the datapath")?;
+    let mut dp = BpfDatapath::load(&args.bpffs_dir, datapath::LoadOptions::default()).context("loading the datapath")?;
     let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing());
     dp.attach_cgroup(&args.cgroup_path, &args.bpffs_dir)
         .with_context(|| format!("attaching to cgroup {}", args.cgroup_path.display()))?;
@@ -99,34 +135,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name: args.node_name.clone(),
         maglev_table_size: args.maglev_table_size,
     };
-    let mut source = ManifestDir::new(&dir);
+    let interval = Duration::from_millis(args.poll_interval_ms);
     let mut logged = BTreeSet::new();
     let mut first = true;
     while !STOP.load(Ordering::SeqCst) {
-        let mut problems = Vec::new();
-        let changed = match source.poll(&mut problems) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(dir = %dir.display(), "reading manifests: {e}");
-                false
-            }
-        };
-        for p in &problems {
-            warn!("{p}");
-        }
-        if changed || first {
-            sync_once(
-                &source,
-                &node,
-                &mut reconciler,
-                &mut dp,
-                &health,
-                &mut logged,
-                first,
-            );
+        if source.changed(interval) || first {
+            let (services, slices) = source.snapshot();
+            let inputs = Inputs { services: &services, slices: &slices };
+            sync_once(&inputs, &node, &mut reconciler, &mut dp, &health, &mut logged, first);
             first = false;
         }
-        sleep_unless_stopped(Duration::from_millis(args.poll_interval_ms));
+        sleep_unless_stopped(interval);
+    }
+    if let Source::Kube(kube) = source {
+        kube.shutdown();
     }
     info!(
         "stopping; the datapath stays pinned in {} and keeps serving",
@@ -135,8 +157,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+struct Inputs<'a> {
+    services: &'a [Arc<Service>],
+    slices: &'a [Arc<EndpointSlice>],
+}
+
 fn sync_once(
-    source: &ManifestDir,
+    inputs: &Inputs<'_>,
     node: &NodeConfig,
     reconciler: &mut Reconciler,
     dp: &mut BpfDatapath,
@@ -146,9 +173,13 @@ fn sync_once(
 ) {
     let start = Instant::now();
     let mut warnings = BTreeSet::new();
-    let inv = objects::inventory(source.services(), source.slices(), &mut |w| {
-        warnings.insert(w);
-    });
+    let inv = objects::inventory(
+        inputs.services.iter().map(|s| &**s),
+        inputs.slices.iter().map(|s| &**s),
+        &mut |w| {
+            warnings.insert(w);
+        },
+    );
     let desired = model::desired_state(&inv, node, &mut |w| {
         warnings.insert(w);
     });

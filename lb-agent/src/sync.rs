@@ -165,6 +165,7 @@ impl Reconciler {
         }
 
         // 2. Tables whose backend set changed (or are new).
+        let mut emptied = Vec::new();
         for (key, group) in &desired.groups {
             let applied = self
                 .groups
@@ -177,13 +178,13 @@ impl Reconciler {
                 continue;
             }
             let result = if group.backends.is_empty() {
-                // No table: the frontend's backend_count of 0 makes the programs reject.
+                // No table: the frontend's backend_count of 0 makes the programs reject. The
+                // old table goes only after the frontends stop pointing at it (step 4); deleting
+                // it first would let a connect find a frontend without its table.
                 if applied.backends.as_ref().is_some_and(|b| !b.is_empty()) {
-                    st.writes += 1;
-                    dp.del_table(applied.id).map_err(|e| e.to_string())
-                } else {
-                    Ok(())
+                    emptied.push(applied.id);
                 }
+                Ok(())
             } else {
                 build_table(&group.backends, key.table_size, self.seed, &self.backends)
                     .and_then(|t| dp.set_table(applied.id, &t).map_err(|e| e.to_string()))
@@ -222,6 +223,19 @@ impl Reconciler {
         }
 
         // 4. Removals, in reverse dependency order.
+        // A frontend whose update failed may still point at a table: keep such tables.
+        let in_use: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .filter(|v| v.backend_count > 0)
+            .map(|v| v.group_id)
+            .collect();
+        for id in emptied.into_iter().filter(|id| !in_use.contains(id)) {
+            st.writes += 1;
+            if let Err(e) = dp.del_table(id) {
+                fail(&mut st, format!("remove emptied table {id}: {e}"));
+            }
+        }
         let stale: Vec<SvcKey> = self
             .frontends
             .keys()
@@ -244,6 +258,13 @@ impl Reconciler {
             .cloned()
             .collect();
         for key in stale {
+            if self
+                .groups
+                .get(&key)
+                .is_some_and(|g| in_use.contains(&g.id))
+            {
+                continue;
+            }
             if let Some(g) = self.groups.remove(&key) {
                 if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
                     st.writes += 1;

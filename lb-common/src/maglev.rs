@@ -21,7 +21,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 /// Global default table size (a prime): 64 KiB of `u32` slots per service.
-pub const DEFAULT_TABLE_SIZE: u32 = 16381;
+pub const DEFAULT_TABLE_SIZE: u32 = crate::maps::MAGLEV_DEFAULT_SIZE;
 
 /// Table sizes kplb accepts: primes, roughly doubling, so the size can follow the backend count
 /// (aim for `M > 100 * N`, see [`recommended_min_size`]). 65537 and 655373 are the paper's sizes;

@@ -106,10 +106,10 @@ pub fn remove_prefix(prefix: &str) -> Result<()> {
     let mut errors = Vec::new();
     let host = host::host()?;
     let cgroup = host.cgroup2.join(prefix);
-    if cgroup.exists() {
-        if let Err(e) = kill_cgroup(&cgroup) {
-            errors.push(format!("{e:#}"));
-        }
+    if cgroup.exists()
+        && let Err(e) = kill_cgroup(&cgroup)
+    {
+        errors.push(format!("{e:#}"));
     }
     for name in entries(Path::new(netns::NETNS_DIR))
         .iter()
@@ -119,10 +119,10 @@ pub fn remove_prefix(prefix: &str) -> Result<()> {
             errors.push(format!("{e:#}"));
         }
     }
-    if cgroup.exists() {
-        if let Err(e) = remove_cgroup_tree(&cgroup) {
-            errors.push(format!("{e:#}"));
-        }
+    if cgroup.exists()
+        && let Err(e) = remove_cgroup_tree(&cgroup)
+    {
+        errors.push(format!("{e:#}"));
     }
     for dir in [Path::new(host::BPFFS).to_path_buf(), std::env::temp_dir()] {
         for name in entries(&dir).iter().filter(|n| belongs(n, prefix)) {

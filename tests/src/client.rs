@@ -112,6 +112,8 @@ pub struct Attempt {
     /// errno name (`ECONNREFUSED`), `timeout`, or `HTTP <code>`.
     pub error: Option<String>,
     pub ms: f64,
+    /// When the attempt ended, in ms since the client process started.
+    pub at: f64,
     /// Stream mode: bytes echoed back and verified.
     pub bytes: Option<u64>,
 }
@@ -132,6 +134,7 @@ impl Attempt {
             local: s("local"),
             error: s("error"),
             ms: v.get("ms").and_then(Value::as_f64).unwrap_or(0.0),
+            at: v.get("at").and_then(Value::as_f64).unwrap_or(0.0),
             bytes: v.get("bytes").and_then(Value::as_u64),
         })
     }

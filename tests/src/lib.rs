@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod client;
+pub mod cluster;
 pub mod host;
 pub mod lab;
 pub mod manifests;
@@ -16,6 +17,7 @@ pub mod require;
 
 pub use agent::Agent;
 pub use client::{Attempt, Request, tally};
+pub use cluster::Cluster;
 pub use lab::{Lab, Node, Ns, Role};
 pub use poll::poll_until;
 pub use require::require_root;

@@ -1,1 +1,62 @@
-fn main() {}
+//! Project tasks. `cargo xtask demo` and `cargo xtask test` are the two commands a newcomer runs;
+//! both install what a fresh machine lacks first (`setup`).
+
+mod build;
+mod setup;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "kplb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent): nightly rust-src, LLVM 22 dev
+    /// packages, bpf-linker built for LLVM 22, bpftool, iproute2; mount bpffs.
+    Setup,
+    /// Build the eBPF programs (release, with BTF) and copy the object to target/bpf/lb-ebpf.o.
+    BuildEbpf,
+    /// cargo fmt --check and clippy -D warnings (host crates and the eBPF crate separately).
+    Lint,
+    /// The whole suite: setup, build, lints, unit tests, BPF_PROG_TEST_RUN and lab end-to-end
+    /// tests (root needed; under CI=true a test that cannot run fails instead of skipping).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// A 2-node lab of network namespaces with one agent per node, real ClusterIP traffic, and
+    /// the backend spread, then teardown.
+    Demo,
+    /// Benchmarks; results go to bench/.
+    Bench {
+        /// Shorter runs.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::BuildEbpf => build::ebpf().map(|_| ()),
+        Cmd::Lint => build::lint(),
+        Cmd::Test { args } => setup::run().and_then(|()| build::test(&args)),
+        Cmd::Demo => setup::run().and_then(|()| build::demo()),
+        Cmd::Bench { quick } => setup::run().and_then(|()| build::bench(quick)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

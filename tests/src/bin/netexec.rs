@@ -10,9 +10,14 @@
 //! `/healthz` and `/stream` (echoes every byte until EOF), and UDP datagrams `hostname`,
 //! `echo X`, `clientip`. The client prints one JSON line per attempt on stdout.
 
+// A crate root looks for modules next to itself; keep netexec's in their own folder.
+#[path = "netexec/client.rs"]
 mod client;
+#[path = "netexec/server.rs"]
 mod server;
+#[path = "netexec/sys.rs"]
 mod sys;
+#[path = "netexec/wire.rs"]
 mod wire;
 
 use std::{
@@ -33,14 +38,21 @@ struct Flags {
 
 impl Flags {
     fn parse(args: &[String], switches: &[&str], valued: &[&str]) -> Result<Self> {
-        let mut flags = Self { values: HashMap::new(), switches: HashSet::new() };
+        let mut flags = Self {
+            values: HashMap::new(),
+            switches: HashSet::new(),
+        };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
-            let key = arg.strip_prefix("--").with_context(|| format!("unexpected argument {arg:?}"))?;
+            let key = arg
+                .strip_prefix("--")
+                .with_context(|| format!("unexpected argument {arg:?}"))?;
             if switches.contains(&key) {
                 flags.switches.insert(key.to_owned());
             } else if valued.contains(&key) {
-                let value = it.next().with_context(|| format!("--{key} needs a value"))?;
+                let value = it
+                    .next()
+                    .with_context(|| format!("--{key} needs a value"))?;
                 flags.values.insert(key.to_owned(), value.clone());
             } else {
                 bail!("unknown option --{key}");
@@ -74,7 +86,10 @@ impl Flags {
 
 fn ports(list: Option<&str>) -> Result<Vec<u16>> {
     list.map_or(Ok(Vec::new()), |l| {
-        l.split(',').filter(|p| !p.is_empty()).map(|p| p.parse().with_context(|| format!("port {p:?}"))).collect()
+        l.split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().with_context(|| format!("port {p:?}")))
+            .collect()
     })
 }
 
@@ -86,26 +101,53 @@ fn serve(args: &[String]) -> Result<()> {
     if tcp.is_empty() && udp.is_empty() {
         bail!("serve needs --tcp and/or --udp ports");
     }
-    server::serve(server::Config { name, bind, tcp, udp, verbose: flags.has("verbose") })
+    server::serve(server::Config {
+        name,
+        bind,
+        tcp,
+        udp,
+        verbose: flags.has("verbose"),
+    })
 }
 
 fn client(args: &[String]) -> Result<()> {
     let flags = Flags::parse(
         args,
         &["connected", "stream"],
-        &["tcp", "udp", "path", "msg", "count", "timeout-ms", "interval-ms", "duration-ms", "local-port"],
+        &[
+            "tcp",
+            "udp",
+            "path",
+            "msg",
+            "count",
+            "timeout-ms",
+            "interval-ms",
+            "duration-ms",
+            "local-port",
+        ],
     )?;
-    let target = |s: &str| s.parse().with_context(|| format!("target {s:?} (want ip:port or [ipv6]:port)"));
+    let target = |s: &str| {
+        s.parse()
+            .with_context(|| format!("target {s:?} (want ip:port or [ipv6]:port)"))
+    };
     let mode = match (flags.get("tcp"), flags.get("udp")) {
-        (Some(t), None) if flags.has("stream") => {
-            client::Mode::Stream { target: target(t)?, duration: flags.ms("duration-ms", 1000)? }
-        }
-        (Some(t), None) => client::Mode::Http { target: target(t)?, path: flags.get("path").unwrap_or("/hostname").into() },
+        (Some(t), None) if flags.has("stream") => client::Mode::Stream {
+            target: target(t)?,
+            duration: flags.ms("duration-ms", 1000)?,
+        },
+        (Some(t), None) => client::Mode::Http {
+            target: target(t)?,
+            path: flags.get("path").unwrap_or("/hostname").into(),
+        },
         (None, Some(u)) => client::Mode::Udp {
             target: target(u)?,
             msg: flags.get("msg").unwrap_or("hostname").into(),
             connected: flags.has("connected"),
-            local_port: flags.get("local-port").map(str::parse).transpose().context("--local-port")?,
+            local_port: flags
+                .get("local-port")
+                .map(str::parse)
+                .transpose()
+                .context("--local-port")?,
         },
         _ => bail!("client needs exactly one of --tcp HOST:PORT or --udp HOST:PORT"),
     };
@@ -122,7 +164,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("client") => client(&args[1..]),
-        _ => Err(anyhow::anyhow!("usage: netexec serve|client ... (see the source's header)")),
+        _ => Err(anyhow::anyhow!(
+            "usage: netexec serve|client ... (see the source's header)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,10 +25,16 @@ pub fn read_head(stream: &mut impl Read) -> io::Result<String> {
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {
         if head.len() >= LIMIT {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "HTTP head too long"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "HTTP head too long",
+            ));
         }
         if stream.read(&mut byte)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in HTTP head"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "EOF in HTTP head",
+            ));
         }
         head.push(byte[0]);
     }
@@ -37,7 +43,11 @@ pub fn read_head(stream: &mut impl Read) -> io::Result<String> {
 
 /// The value of `key` in a query string, percent-decoded (`+` is a space).
 pub fn query_param(query: &str, key: &str) -> Option<String> {
-    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| pct_decode(v))
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| pct_decode(v))
 }
 
 fn pct_decode(s: &str) -> String {
@@ -45,7 +55,9 @@ fn pct_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
         match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (b'%', Some(b)) => {
                 out.push(b);
@@ -70,7 +82,10 @@ mod tests {
 
     #[test]
     fn decodes_queries_and_unmaps_v4() {
-        assert_eq!(query_param("a=1&msg=hi%20there+x%2", "msg").as_deref(), Some("hi there x%2"));
+        assert_eq!(
+            query_param("a=1&msg=hi%20there+x%2", "msg").as_deref(),
+            Some("hi there x%2")
+        );
         assert_eq!(query_param("a=1", "msg"), None);
         assert_eq!(show("[::ffff:10.0.1.2]:80".parse().unwrap()), "10.0.1.2:80");
         assert_eq!(show("[fd00::1]:80".parse().unwrap()), "[fd00::1]:80");
@@ -79,7 +94,10 @@ mod tests {
     #[test]
     fn head_stops_at_blank_line() {
         let mut input: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nrest";
-        assert_eq!(read_head(&mut input).unwrap(), "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            read_head(&mut input).unwrap(),
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
         assert_eq!(input, b"rest");
     }
 }
