@@ -529,6 +529,16 @@ impl sync::Datapath for BpfDatapath {
             })
     }
 
+    fn set_src_range(
+        &mut self,
+        group: u32,
+        net: IpAddr,
+        prefix: u8,
+        present: bool,
+    ) -> Result<(), DatapathError> {
+        BpfDatapath::set_src_range(self, group, net, prefix, present)
+    }
+
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), DatapathError> {
         ignore_missing(self.services.remove(key), maps::SERVICES)
     }

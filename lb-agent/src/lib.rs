@@ -2,6 +2,8 @@
 pub mod cli;
 pub mod datapath;
 pub mod health;
+pub mod healthcheck;
+pub mod node;
 pub mod k8s;
 pub mod model;
 pub mod mountns;

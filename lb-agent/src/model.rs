@@ -9,7 +9,8 @@ use std::{
 };
 
 use lb_common::{
-    SCOPE_INTERNAL, SVC_F_AFFINITY, SvcKey, addr,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP,
+    SVC_F_SRC_RANGES, SvcKey, addr,
     maglev::{self, DEFAULT_TABLE_SIZE},
 };
 
@@ -23,6 +24,9 @@ pub struct NodeConfig {
     pub node_name: String,
     /// Global Maglev table size (`--maglev-table-size`).
     pub maglev_table_size: u32,
+    /// This node's addresses that accept NodePort traffic (node IPs filtered by
+    /// `--nodeport-addresses`).
+    pub nodeport_ips: Vec<IpAddr>,
 }
 
 impl Default for NodeConfig {
@@ -30,6 +34,7 @@ impl Default for NodeConfig {
         Self {
             node_name: String::new(),
             maglev_table_size: DEFAULT_TABLE_SIZE,
+            nodeport_ips: Vec::new(),
         }
     }
 }
@@ -74,10 +79,22 @@ pub struct Frontend {
     pub flags: u32,
 }
 
+/// A healthCheckNodePort the agent serves (kube-proxy's contract).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ServiceName,
+    /// Ready (not terminating) endpoints on this node.
+    pub local_endpoints: usize,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<SvcKey, Frontend>,
     pub groups: BTreeMap<GroupKey, Group>,
+    /// loadBalancerSourceRanges by the group their LoadBalancer frontends point at.
+    pub src_ranges: BTreeMap<GroupKey, BTreeSet<(IpAddr, u8)>>,
+    /// healthCheckNodePort -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 impl Desired {
@@ -94,6 +111,8 @@ impl Desired {
 struct PortEndpoints {
     all: Vec<BackendSpec>,
     local: Vec<BackendSpec>,
+    /// Ready local endpoints (what healthCheckNodePort reports; terminating ones don't count).
+    local_ready: usize,
 }
 
 /// Builds the desired state. Problems that only affect one service (an unusable table size)
@@ -114,24 +133,95 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
             } else {
                 0
             };
+            let proto = port.protocol.number();
+            let mut put = |ip: IpAddr, p: u16, scope: u8, group: &GroupKey, flags: u32| {
+                let key = SvcKey { addr: addr::from_ip(ip), port: p.to_be(), proto, scope };
+                out.frontends.insert(key, Frontend { group: group.clone(), flags });
+            };
             for ip in &svc.cluster_ips {
-                let key = SvcKey {
-                    addr: addr::from_ip(*ip),
-                    port: port.port.to_be(),
-                    proto: port.protocol.number(),
-                    scope: SCOPE_INTERNAL,
-                };
-                out.frontends.insert(
-                    key,
-                    Frontend {
-                        group: group.clone(),
-                        flags,
-                    },
-                );
+                put(*ip, port.port, SCOPE_INTERNAL, &group, flags);
+                // A ClusterIP routed to this node from outside is served too (never dropped as
+                // an unused service address).
+                put(*ip, port.port, SCOPE_EXTERNAL, &group, flags);
             }
+            external_frontends(&mut out, svc, port, &eps, node, flags, warn);
         }
     }
     out
+}
+
+/// NodePort, LoadBalancer and external IP frontends of one service port.
+///
+/// External scope (XDP): `externalTrafficPolicy` picks all or only local endpoints; Local drops
+/// where there is none (another node may have one). Internal scope (sockets on this node): all
+/// endpoints, as kube-proxy short-circuits in-cluster traffic to these addresses.
+fn external_frontends(
+    out: &mut Desired,
+    svc: &ServiceInfo,
+    port: &ServicePort,
+    eps: &PortEndpoints,
+    node: &NodeConfig,
+    flags: u32,
+    warn: &mut dyn FnMut(String),
+) {
+    let families: BTreeSet<bool> = svc.cluster_ips.iter().map(IpAddr::is_ipv6).collect();
+    let fits = |ip: &IpAddr| families.contains(&ip.is_ipv6());
+    let nodeport_ips: Vec<IpAddr> = match port.node_port {
+        Some(_) => node.nodeport_ips.iter().copied().filter(fits).collect(),
+        None => Vec::new(),
+    };
+    let lb_ips: Vec<IpAddr> = svc.lb_ips.iter().copied().filter(fits).collect();
+    let ext_ips: Vec<IpAddr> = svc.external_ips.iter().copied().filter(fits).collect();
+    if nodeport_ips.is_empty() && lb_ips.is_empty() && ext_ips.is_empty() {
+        return;
+    }
+    let cluster = add_group(out, svc, port, false, &eps.all, node, warn);
+    let local = svc.external_policy == TrafficPolicy::Local;
+    let (ext_group, ext_flags) = if local {
+        (add_group(out, svc, port, true, &eps.local, node, warn), flags | SVC_F_EXT_LOCAL)
+    } else {
+        (cluster.clone(), flags)
+    };
+    let proto = port.protocol.number();
+    let mut put = |ip: IpAddr, p: u16, scope: u8, group: &GroupKey, flags: u32| {
+        let key = SvcKey { addr: addr::from_ip(ip), port: p.to_be(), proto, scope };
+        out.frontends.insert(key, Frontend { group: group.clone(), flags });
+    };
+    if let Some(np) = port.node_port {
+        for ip in &nodeport_ips {
+            // The NodePort is not restricted by loadBalancerSourceRanges (as in kube-proxy).
+            put(*ip, np, SCOPE_EXTERNAL, &ext_group, ext_flags);
+            put(*ip, np, SCOPE_INTERNAL, &cluster, flags);
+        }
+    }
+    let ranged = svc.source_ranges.is_some();
+    for ip in &lb_ips {
+        let f = if ranged { ext_flags | SVC_F_SRC_RANGES } else { ext_flags };
+        put(*ip, port.port, SCOPE_EXTERNAL, &ext_group, f);
+        put(*ip, port.port, SCOPE_INTERNAL, &cluster, flags);
+    }
+    for ip in &ext_ips {
+        put(*ip, port.port, SCOPE_EXTERNAL, &ext_group, ext_flags);
+        put(*ip, port.port, SCOPE_INTERNAL, &cluster, flags);
+    }
+    // Any other port on these addresses is rejected rather than routed on.
+    for ip in lb_ips.iter().chain(&ext_ips) {
+        let marker = SvcKey { addr: addr::from_ip(*ip), port: 0, proto: 0, scope: SCOPE_EXTERNAL };
+        out.frontends.insert(marker, Frontend { group: ext_group.clone(), flags: SVC_F_FRONTEND_IP });
+    }
+    if let Some(ranges) = &svc.source_ranges
+        && !lb_ips.is_empty()
+    {
+        out.src_ranges.entry(ext_group.clone()).or_default().extend(ranges.iter().copied());
+    }
+    if local
+        && let Some(hc) = svc.health_check_node_port
+    {
+        out.health_checks.insert(
+            hc,
+            HealthCheck { service: svc.id.clone(), local_endpoints: eps.local_ready },
+        );
+    }
 }
 
 fn add_group(
@@ -246,7 +336,12 @@ fn port_endpoints(
             .map(spec)
             .collect()
     };
+    let local_ready = by_addr
+        .values()
+        .filter(|(_, ep)| ep.ready && !ep.terminating && ep.node_name.as_deref() == Some(node))
+        .count();
     PortEndpoints {
+        local_ready,
         all: usable(false),
         local: usable(true),
     }

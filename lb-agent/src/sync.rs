@@ -22,6 +22,14 @@ pub trait Datapath {
     fn del_table(&mut self, id: u32) -> Result<(), Self::Error>;
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), Self::Error>;
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), Self::Error>;
+    /// Adds (`present`) or removes a loadBalancerSourceRanges entry of table `group`.
+    fn set_src_range(
+        &mut self,
+        group: u32,
+        net: std::net::IpAddr,
+        prefix: u8,
+        present: bool,
+    ) -> Result<(), Self::Error>;
 }
 
 /// What a previous agent left in pinned maps, read back at start.
@@ -82,6 +90,8 @@ pub struct Reconciler {
     /// Tables adopted from a previous agent whose group identity is unknown: deleted once the
     /// first sync has repointed every frontend at a fresh table.
     orphan_groups: Vec<u32>,
+    /// Source-range entries written: (group id, network, prefix).
+    ranges: BTreeSet<(u32, std::net::IpAddr, u8)>,
 }
 
 fn backend_value(b: &BackendSpec) -> Backend {
@@ -103,6 +113,7 @@ impl Reconciler {
             groups: BTreeMap::new(),
             frontends: BTreeMap::new(),
             orphan_groups: Vec::new(),
+            ranges: BTreeSet::new(),
         }
     }
 
@@ -196,7 +207,32 @@ impl Reconciler {
             }
         }
 
-        // 3. Frontends pointing at those tables.
+        // 3. Source ranges before the frontends that check them, stale ones after.
+        let want_ranges: BTreeSet<(u32, std::net::IpAddr, u8)> = desired
+            .src_ranges
+            .iter()
+            .filter_map(|(g, r)| self.groups.get(g).map(|a| (a.id, r)))
+            .flat_map(|(id, r)| r.iter().map(move |(net, p)| (id, *net, *p)))
+            .collect();
+        for &(id, net, p) in want_ranges.difference(&self.ranges.clone()) {
+            match dp.set_src_range(id, net, p, true) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.ranges.insert((id, net, p));
+                }
+                Err(e) => fail(&mut st, format!("source range {net}/{p}: {e}")),
+            }
+        }
+        let stale_ranges: Vec<_> = self.ranges.difference(&want_ranges).copied().collect();
+        for (id, net, p) in stale_ranges {
+            st.writes += 1;
+            if let Err(e) = dp.set_src_range(id, net, p, false) {
+                fail(&mut st, format!("remove source range {net}/{p}: {e}"));
+            }
+            self.ranges.remove(&(id, net, p));
+        }
+
+        // 4. Frontends pointing at those tables.
         for (key, fe) in &desired.frontends {
             let Some(g) = self.groups.get(&fe.group) else {
                 continue;
@@ -222,7 +258,7 @@ impl Reconciler {
             }
         }
 
-        // 4. Removals, in reverse dependency order.
+        // 5. Removals, in reverse dependency order.
         // A frontend whose update failed may still point at a table: keep such tables.
         let in_use: BTreeSet<u32> = self
             .frontends
