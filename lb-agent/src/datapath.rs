@@ -110,6 +110,7 @@ impl Paths {
 /// North-south programs attached to `--interfaces`.
 pub const XDP_PROGRAM: &str = "kplb_xdp";
 pub const TC_EGRESS_PROGRAM: &str = "kplb_tc_egress";
+pub const TC_INGRESS_PROGRAM: &str = "kplb_tc_ingress";
 
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -317,20 +318,34 @@ impl BpfDatapath {
                 None => return Err(err(last.unwrap_or(aya::programs::ProgramError::NotLoaded))),
             }
         };
-        let tc: &mut SchedClassifier = program(&mut self._ebpf, TC_EGRESS_PROGRAM)?;
-        let terr = |source| DatapathError::Program {
-            name: TC_EGRESS_PROGRAM,
-            source,
-        };
+        for (name, attach, pin) in [
+            (TC_EGRESS_PROGRAM, TcAttachType::Egress, "tc_egress"),
+            (TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tc_ingress"),
+        ] {
+            self.attach_tc(iface, &links, name, attach, pin)?;
+        }
+        Ok(used)
+    }
+
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        links: &Path,
+        name: &'static str,
+        attach: TcAttachType,
+        pin: &str,
+    ) -> Result<(), DatapathError> {
+        let tc: &mut SchedClassifier = program(&mut self._ebpf, name)?;
+        let terr = |source| DatapathError::Program { name, source };
         tc.load().or_else(already_loaded).map_err(terr)?;
         let id = tc
             .attach_with_options(
                 iface,
-                TcAttachType::Egress,
+                attach,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(terr)?;
-        let tc_pin = links.join(format!("tc_egress_{iface}"));
+        let tc_pin = links.join(format!("{pin}_{iface}"));
         let fd: FdLink = tc
             .take_link(id)
             .map_err(terr)?
@@ -340,7 +355,7 @@ impl BpfDatapath {
                 source,
             })?;
         replace_pinned_link(fd, &tc_pin)?;
-        Ok(used)
+        Ok(())
     }
 
     /// Replaces the loadBalancerSourceRanges entry of `group` for `net/prefix`.

@@ -1045,3 +1045,56 @@ fn ipv6_reject_and_translate() {
         ],
     );
 }
+
+/// Per-packet cost of each XDP path: median BPF_PROG_TEST_RUN duration (repeat=1, fresh input
+/// each call, so rewriting paths never see their own output) and, with
+/// kernel.bpf_stats_enabled=1, the kernel's run_time_ns / run_cnt for the same calls.
+/// `cargo test -p lb-agent --test xdp_fixtures --release -- --ignored --nocapture costs`
+#[test]
+#[ignore]
+fn costs() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("10.0.1.5", 8080, true);
+    let remote = fx.backend("10.0.2.5", 8080, false);
+    fx.frontend(NODE, 30080, 6, 1, MaglevSlot { backend: local, prev: 0 }, 1, 0);
+    fx.frontend(NODE, 30081, 6, 2, MaglevSlot { backend: remote, prev: 0 }, 1, 0);
+    fx.frontend(NODE, 30090, 6, 3, MaglevSlot::default(), 0, 0);
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    const N: u16 = 2000;
+    let mut measure = |name: &str, frames: &mut dyn FnMut(u16) -> Vec<u8>| {
+        let stats = |fx: &mut Fx| {
+            let prog: &mut Xdp = fx.dp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+            let info = prog.info().unwrap();
+            (info.run_time().as_nanos() as u64, info.run_count())
+        };
+        let (t0, c0) = stats(&mut fx);
+        let mut d: Vec<u128> = (0..N)
+            .map(|i| {
+                let f = frames(i);
+                let ifindex = fx.ifindex;
+                let prog: &mut Xdp = fx.dp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+                let md: [u32; 6] = [0, f.len() as u32, 0, ifindex, 0, 0];
+                let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                let mut out = vec![0u8; f.len() + 512];
+                let r = prog
+                    .test_run(TestRunOptions { data_in: Some(&f), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() })
+                    .unwrap();
+                r.duration.as_nanos()
+            })
+            .collect();
+        let (t1, c1) = stats(&mut fx);
+        d.sort_unstable();
+        let stats_ns = if c1 > c0 { (t1 - t0) as f64 / (c1 - c0) as f64 } else { f64::NAN };
+        println!("{name:<34} median {:>5} ns  p90 {:>5} ns  bpf_stats {:>7.1} ns/run", d[d.len() / 2], d[d.len() * 9 / 10], stats_ns);
+    };
+    let arp = [&Pkt::tcp(CLIENT, 1, NODE, 1, SYN).build()[..12], &[0x08, 0x06], &[0u8; 46][..]].concat();
+    measure("floor (ARP, not IP)", &mut |_| arp.clone());
+    measure("non-VIP TCP (pass)", &mut |_| Pkt::tcp(CLIENT, 40000, "8.8.8.8", 53, SYN).build());
+    measure("new flow, local backend (DNAT)", &mut |i| Pkt::tcp(CLIENT, 10000 + i, NODE, 30080, SYN).build());
+    measure("conntrack hit, local backend", &mut |_| Pkt::tcp(CLIENT, 10000, NODE, 30080, ACK).build());
+    measure("new flow, remote backend (SNAT+TX)", &mut |i| Pkt::tcp(CLIENT, 20000 + i, NODE, 30081, SYN).build());
+    measure("conntrack hit, remote backend", &mut |_| Pkt::tcp(CLIENT, 20000, NODE, 30081, ACK).build());
+    let port = snat_port(&Pkt::tcp(CLIENT, 20000, NODE, 30081, SYN));
+    measure("reply from remote backend", &mut |_| Pkt::tcp("10.0.2.5", 8080, NODE, port, ACK).build());
+    measure("reject (TCP RST)", &mut |i| Pkt::tcp(CLIENT, 30000 + i, NODE, 30090, SYN).build());
+}

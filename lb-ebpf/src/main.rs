@@ -74,6 +74,12 @@ pub fn kplb_tc_egress(ctx: TcContext) -> i32 {
     tc::egress(&ctx)
 }
 
+/// Hands XDP-translated packets whose next hop needs neighbour resolution on (tc ingress).
+#[classifier]
+pub fn kplb_tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -4,7 +4,12 @@
 //! the skb helpers, which handle CHECKSUM_PARTIAL packets from local pods correctly.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    EbpfContext as _,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        TC_ACT_OK, bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
 use lb_common::{
@@ -104,4 +109,44 @@ fn rewrite_src(ctx: &TcContext, h: &Hdr, addr: &[u32; 4], port: u16) -> Option<(
         ctx.store(h.l4, &port, 0).ok()?;
     }
     Some(())
+}
+
+/// tc ingress: XDP hands a translated packet to the kernel when the next hop's neighbour entry
+/// is missing (bpf_fib_lookup NO_NEIGH). If it now carries one of this node's addresses as
+/// source (SNAT, or a reply from a NodePort frontend), the kernel would drop it as martian; send
+/// it on with bpf_redirect_neigh, which resolves the neighbour first.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    let Ok(s) = parsed(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    let h = &s.hdr;
+    let Some(cfg) = config() else { return TC_ACT_OK };
+    let node = if h.v6 { &cfg.node_ip6 } else { &cfg.node_ip4 };
+    if h.src != *node || h.dst == *node {
+        return TC_ACT_OK;
+    }
+    // SAFETY: plain-old-data, all-zero is a valid request.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = if h.v6 { 10 } else { 2 };
+    p.l4_protocol = h.proto;
+    p.__bindgen_anon_1.tot_len = (h.l3_end - h.l3) as u16;
+    // SAFETY: context field read.
+    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if h.v6 {
+        p.__bindgen_anon_3.ipv6_src = h.src;
+        p.__bindgen_anon_4.ipv6_dst = h.dst;
+    } else {
+        p.__bindgen_anon_3.ipv4_src = h.src[3];
+        p.__bindgen_anon_4.ipv4_dst = h.dst[3];
+    }
+    // SAFETY: helper calls with a stack buffer of the declared size.
+    unsafe {
+        let rc = bpf_fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0);
+        if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+            return TC_ACT_OK;
+        }
+        count(counter::XDP_FIB_MISS);
+        bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32
+    }
 }
