@@ -74,11 +74,11 @@ static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 /// chain) continues with the same abstract state and the rest of the program is verified once
 /// instead of once per path; it also keeps the headers off the 512-byte stack.
 #[inline(always)]
-pub fn parsed(data: usize, end: usize) -> Result<&'static mut Scratch, Skip> {
+pub fn parsed(data: usize, end: usize, len: usize) -> Result<&'static mut Scratch, Skip> {
     let p = SCRATCH.get_ptr_mut(0).ok_or(Skip::NotIp)?;
     // SAFETY: per-CPU slot owned by this program invocation (programs are not re-entered on
     // one CPU while they run).
-    match parse_into(data, end, unsafe { &raw mut (*p).hdr }) {
+    match parse_into(data, end, len, unsafe { &raw mut (*p).hdr }) {
         0 => {
             // SAFETY: as above; the headers were just written.
             Ok(unsafe { &mut *p })

@@ -87,9 +87,9 @@ fn at<'a, const N: usize>(data: usize, end: usize, off: usize) -> Option<&'a [u8
 /// [`parse`] into `out` (a map slot): 0 parsed, 1 not IP, 2 malformed. A separate function so
 /// its many paths end in one place (see `maps::parsed`).
 #[inline(never)]
-pub fn parse_into(data: usize, end: usize, out: *mut Hdr) -> u32 {
+pub fn parse_into(data: usize, end: usize, len: usize, out: *mut Hdr) -> u32 {
     // SAFETY: `out` is a valid, exclusive per-CPU map slot.
-    match parse(data, end, unsafe { &mut *out }) {
+    match parse(data, end, len, unsafe { &mut *out }) {
         Ok(()) => 0,
         Err(Skip::NotIp) => 1,
         Err(Skip::Malformed) => 2,
@@ -97,8 +97,10 @@ pub fn parse_into(data: usize, end: usize, out: *mut Hdr) -> u32 {
 }
 
 /// Parses Ethernet (one optional 802.1Q/802.1ad tag), IPv4/IPv6 and the TCP/UDP ports.
+/// `len` is the frame's real length: headers are read up to `end` (the directly readable
+/// part), lengths are checked against `len` (a tc skb's payload may sit beyond `end`).
 #[inline(always)]
-pub fn parse(data: usize, end: usize, h: &mut Hdr) -> Result<(), Skip> {
+pub fn parse(data: usize, end: usize, len: usize, h: &mut Hdr) -> Result<(), Skip> {
     let mut ethertype = u16::from_be(rd::<u16>(data, end, 12).ok_or(Skip::NotIp)?);
     let mut l3 = ETH_LEN;
     let mut vlan = false;
@@ -108,8 +110,8 @@ pub fn parse(data: usize, end: usize, h: &mut Hdr) -> Result<(), Skip> {
         vlan = true;
     }
     match ethertype {
-        ETH_P_IP => parse_v4(data, end, l3, h)?,
-        ETH_P_IPV6 => parse_v6(data, end, l3, h)?,
+        ETH_P_IP => parse_v4(data, end, len, l3, h)?,
+        ETH_P_IPV6 => parse_v6(data, end, len, l3, h)?,
         _ => return Err(Skip::NotIp),
     }
     h.vlan = vlan;
@@ -147,11 +149,11 @@ pub fn parse(data: usize, end: usize, h: &mut Hdr) -> Result<(), Skip> {
 }
 
 #[inline(always)]
-fn parse_v4(data: usize, end: usize, l3: usize, h: &mut Hdr) -> Result<(), Skip> {
+fn parse_v4(data: usize, end: usize, len: usize, l3: usize, h: &mut Hdr) -> Result<(), Skip> {
     let b: &[u8; 20] = at(data, end, l3).ok_or(Skip::Malformed)?;
     let ihl = ((b[0] & 0x0f) as usize) * 4;
     let tot = u16::from_be_bytes([b[2], b[3]]) as usize;
-    if b[0] >> 4 != 4 || ihl < 20 || tot < ihl || l3 + tot > end - data {
+    if b[0] >> 4 != 4 || ihl < 20 || tot < ihl || l3 + tot > len {
         return Err(Skip::Malformed);
     }
     let frag_field = u16::from_be_bytes([b[6], b[7]]);
@@ -183,10 +185,10 @@ const NEXTHDR_DEST: u8 = 60;
 const MAX_EXT_HDRS: usize = 4;
 
 #[inline(always)]
-fn parse_v6(data: usize, end: usize, l3: usize, h: &mut Hdr) -> Result<(), Skip> {
+fn parse_v6(data: usize, end: usize, len: usize, l3: usize, h: &mut Hdr) -> Result<(), Skip> {
     let b: &[u8; 40] = at(data, end, l3).ok_or(Skip::Malformed)?;
     let payload = u16::from_be_bytes([b[4], b[5]]) as usize;
-    if b[0] >> 4 != 6 || l3 + 40 + payload > end - data {
+    if b[0] >> 4 != 6 || l3 + 40 + payload > len {
         return Err(Skip::Malformed);
     }
     let word = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);

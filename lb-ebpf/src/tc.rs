@@ -27,7 +27,7 @@ use crate::{
 
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
-    let h = match parsed(ctx.data(), ctx.data_end()) {
+    let h = match parsed(ctx.data(), ctx.data_end(), ctx.len() as usize) {
         Ok(s) => &s.hdr,
         Err(Skip::NotIp) => return TC_ACT_OK,
         Err(Skip::Malformed) => {
@@ -35,7 +35,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
             if ctx.pull_data(128.min(ctx.len())).is_err() {
                 return TC_ACT_OK;
             }
-            match parsed(ctx.data(), ctx.data_end()) {
+            match parsed(ctx.data(), ctx.data_end(), ctx.len() as usize) {
                 Ok(s) => &s.hdr,
                 Err(_) => return TC_ACT_OK,
             }
@@ -117,7 +117,7 @@ fn rewrite_src(ctx: &TcContext, h: &Hdr, addr: &[u32; 4], port: u16) -> Option<(
 /// it on with bpf_redirect_neigh, which resolves the neighbour first.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
-    let Ok(s) = parsed(ctx.data(), ctx.data_end()) else {
+    let Ok(s) = parsed(ctx.data(), ctx.data_end(), ctx.len() as usize) else {
         return TC_ACT_OK;
     };
     let h = &s.hdr;

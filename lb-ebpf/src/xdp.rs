@@ -32,7 +32,7 @@ use crate::{
 
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    let s = match parsed(ctx.data(), ctx.data_end()) {
+    let s = match parsed(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
         Ok(s) => s,
         Err(Skip::NotIp) => return XDP_PASS,
         Err(Skip::Malformed) => {
