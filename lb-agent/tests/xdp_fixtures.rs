@@ -170,9 +170,7 @@ impl Fx {
     /// Frontend `ip:port/proto` (external scope) over a table where every slot is `(cur, prev)`.
     fn frontend(
         &mut self,
-        ip: &str,
-        port: u16,
-        proto: u8,
+        (ip, port, proto): (&str, u16, u8),
         group: u32,
         slot: MaglevSlot,
         count: u32,
@@ -245,7 +243,10 @@ impl Fx {
 }
 
 /// Runs a fixture table: (name, input, verdict, expected output; `None` = untouched input).
-fn table(fx: &mut Fx, cases: Vec<(&str, Vec<u8>, u32, Option<Vec<u8>>)>) {
+/// (name, input, verdict, expected output; `None` = the input, untouched).
+type Case<'a> = (&'a str, Vec<u8>, u32, Option<Vec<u8>>);
+
+fn table(fx: &mut Fx, cases: Vec<Case<'_>>) {
     let mut failures = Vec::new();
     for (name, input, verdict, expected) in cases {
         let (v, out) = fx.xdp(&input);
@@ -325,10 +326,7 @@ fn nodeport_local_remote_and_reply() {
     let Some(mut fx) = Fx::new() else { return };
     let local = fx.backend("10.0.1.5", 8080, true);
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend(
-        NODE,
-        30080,
-        6,
+    fx.frontend((NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: local,
@@ -337,10 +335,7 @@ fn nodeport_local_remote_and_reply() {
         1,
         0,
     );
-    fx.frontend(
-        NODE,
-        30081,
-        6,
+    fx.frontend((NODE, 30081, 6),
         2,
         MaglevSlot {
             backend: remote,
@@ -349,10 +344,7 @@ fn nodeport_local_remote_and_reply() {
         1,
         0,
     );
-    fx.frontend(
-        NODE,
-        30082,
-        17,
+    fx.frontend((NODE, 30082, 17),
         3,
         MaglevSlot {
             backend: remote,
@@ -465,10 +457,7 @@ fn conntrack_keeps_flows_and_prev_owner() {
     let Some(mut fx) = Fx::new() else { return };
     let b1 = fx.backend("10.0.1.5", 8080, true);
     let b2 = fx.backend("10.0.1.6", 8080, true);
-    fx.frontend(
-        NODE,
-        30080,
-        6,
+    fx.frontend((NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b1,
@@ -489,10 +478,7 @@ fn conntrack_keeps_flows_and_prev_owner() {
         )],
     );
     // The table moves every slot to b2 (b1 still exists): the established flow stays on b1.
-    fx.frontend(
-        NODE,
-        30080,
-        6,
+    fx.frontend((NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b2,
@@ -563,13 +549,10 @@ fn rst_bytes(p: &Pkt, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
 fn reject_drop_and_source_ranges() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(NODE, 30090, 6, 1, MaglevSlot::default(), 0, 0);
-    fx.frontend(NODE, 30091, 17, 2, MaglevSlot::default(), 0, 0);
-    fx.frontend(NODE, 30092, 6, 3, MaglevSlot::default(), 0, SVC_F_EXT_LOCAL);
-    fx.frontend(
-        "1.2.3.4",
-        80,
-        6,
+    fx.frontend((NODE, 30090, 6), 1, MaglevSlot::default(), 0, 0);
+    fx.frontend((NODE, 30091, 17), 2, MaglevSlot::default(), 0, 0);
+    fx.frontend((NODE, 30092, 6), 3, MaglevSlot::default(), 0, SVC_F_EXT_LOCAL);
+    fx.frontend(("1.2.3.4", 80, 6),
         4,
         MaglevSlot {
             backend: b,
@@ -578,10 +561,7 @@ fn reject_drop_and_source_ranges() {
         1,
         SVC_F_SRC_RANGES,
     );
-    fx.frontend(
-        "1.2.3.4",
-        0,
-        0,
+    fx.frontend(("1.2.3.4", 0, 0),
         4,
         MaglevSlot {
             backend: b,
@@ -702,10 +682,7 @@ fn reject_drop_and_source_ranges() {
 fn malformed_and_unusual_input() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        NODE,
-        30080,
-        6,
+    fx.frontend((NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b,
@@ -714,10 +691,7 @@ fn malformed_and_unusual_input() {
         1,
         0,
     );
-    fx.frontend(
-        NODE,
-        30083,
-        17,
+    fx.frontend((NODE, 30083, 17),
         2,
         MaglevSlot {
             backend: b,
@@ -801,10 +775,7 @@ fn malformed_and_unusual_input() {
     );
     // IPv6 with a destination-options header before TCP.
     let b6 = fx.backend("fd00:10:0:1::5", 8080, true);
-    fx.frontend(
-        "2001:db8::2",
-        30080,
-        6,
+    fx.frontend(("2001:db8::2", 30080, 6),
         3,
         MaglevSlot {
             backend: b6,
@@ -828,10 +799,7 @@ fn malformed_and_unusual_input() {
 fn fragments_follow_the_first() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        NODE,
-        30083,
-        17,
+    fx.frontend((NODE, 30083, 17),
         1,
         MaglevSlot {
             backend: b,
@@ -878,10 +846,7 @@ fn fragments_follow_the_first() {
 fn icmp_frag_needed_translated_back() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        NODE,
-        30080,
-        6,
+    fx.frontend((NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b,
@@ -934,10 +899,7 @@ fn icmp_frag_needed_translated_back() {
 fn tc_egress_restores_frontend_source() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        NODE,
-        30080,
-        6,
+    fx.frontend((NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b,
@@ -973,10 +935,7 @@ fn tc_egress_restores_frontend_source() {
 fn ipv6_reject_and_translate() {
     let Some(mut fx) = Fx::new() else { return };
     let b6 = fx.backend("fd00:10:0:1::5", 8080, true);
-    fx.frontend(
-        "2001:db8::2",
-        30080,
-        17,
+    fx.frontend(("2001:db8::2", 30080, 17),
         1,
         MaglevSlot {
             backend: b6,
@@ -985,7 +944,7 @@ fn ipv6_reject_and_translate() {
         1,
         0,
     );
-    fx.frontend("2001:db8::2", 30091, 17, 2, MaglevSlot::default(), 0, 0);
+    fx.frontend(("2001:db8::2", 30091, 17), 2, MaglevSlot::default(), 0, 0);
     let udp = Pkt::udp("2001:db8::10", 5353, "2001:db8::2", 30080);
     let udp_rej = Pkt::udp("2001:db8::10", 5353, "2001:db8::2", 30091);
     let unreach = {
@@ -1056,9 +1015,9 @@ fn costs() {
     let Some(mut fx) = Fx::new() else { return };
     let local = fx.backend("10.0.1.5", 8080, true);
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend(NODE, 30080, 6, 1, MaglevSlot { backend: local, prev: 0 }, 1, 0);
-    fx.frontend(NODE, 30081, 6, 2, MaglevSlot { backend: remote, prev: 0 }, 1, 0);
-    fx.frontend(NODE, 30090, 6, 3, MaglevSlot::default(), 0, 0);
+    fx.frontend((NODE, 30080, 6), 1, MaglevSlot { backend: local, prev: 0 }, 1, 0);
+    fx.frontend((NODE, 30081, 6), 2, MaglevSlot { backend: remote, prev: 0 }, 1, 0);
+    fx.frontend((NODE, 30090, 6), 3, MaglevSlot::default(), 0, 0);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     const N: u16 = 2000;
     let mut measure = |name: &str, frames: &mut dyn FnMut(u16) -> Vec<u8>| {

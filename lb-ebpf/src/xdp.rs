@@ -183,6 +183,9 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, svc: &SvcVal, cfg: &Config) -> u3
 
 /// Picks a backend for a new flow and writes both conntrack entries; 0 when the packet is to
 /// be translated with `s.v`, else the verdict.
+// The map helpers get pointers into the scratch map on purpose: a by-value key or value would
+// be copied onto the 512-byte stack first.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
     let h = &s.hdr;
@@ -295,6 +298,7 @@ fn pick(svc: &SvcVal, hash: u32, mid_flow: bool) -> Option<(u32, Backend)> {
 /// A free SNAT source port (network order, 0 for none) for this backend; writes the reply
 /// entry under it. Ports are tried
 /// from the flow hash, so a re-created flow gets its old port back.
+#[allow(clippy::needless_borrows_for_generic_args)] // see new_flow
 #[inline(never)]
 fn snat_port(cfg: &Config, rkey: &mut CtKey, r: &CtVal, hash: u32, now: u64) -> u16 {
     if rkey.dst == [0; 4] || cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
