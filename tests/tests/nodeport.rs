@@ -228,3 +228,41 @@ fn debug_lab() {
     let _ = c.lab.http(CLIENT, &format!("{NODE1}:30080"), "/hostname", 4);
     std::thread::sleep(Duration::from_secs(90));
 }
+
+#[test]
+fn restart_keeps_serving_and_cleanup_detaches() {
+    if !require_root("nodeport restart and cleanup") {
+        return;
+    }
+    let mut c = cluster();
+    let target = format!("{NODE1}:30080");
+    let all_ok = |c: &Cluster, what: &str| {
+        let r = c.lab.http(CLIENT, &target, "/hostname", 8).unwrap();
+        assert!(r.iter().all(|a| a.ok), "{what}: {:?}", tally(&r));
+    };
+    // A stopped agent leaves XDP, tc and the maps pinned: traffic keeps flowing.
+    c.agents[0].stop().unwrap();
+    all_ok(&c, "agent stopped");
+    // A restarted agent swaps its program into the pinned XDP link (no gap, no EBUSY).
+    let args = ["--service-cidr", "172.30.0.0/16", "--xdp-mode", "generic"];
+    let dir = c.manifests_dir().to_path_buf();
+    c.agents[0] = lb_tests::Agent::start(&c.lab, 1, &dir, &args).unwrap();
+    c.agents[0].wait_synced(Duration::from_secs(30)).unwrap();
+    all_ok(&c, "agent restarted");
+    let link = c.lab.run_ok("node1", &["ip", "-d", "link", "show", "eth0"]).unwrap();
+    assert!(link.contains("xdpgeneric"), "XDP attached in generic mode:\n{link}");
+    let links_dir = c.lab.node(1).unwrap().bpffs.join("links");
+    for pin in ["tc_egress_eth0", "tc_ingress_eth0", "xdp_eth0"] {
+        let path = links_dir.join(pin);
+        let out = std::process::Command::new("bpftool").args(["link", "show", "pinned"]).arg(&path).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("prog"), "{}: {text}", path.display());
+    }
+    // cleanup detaches everything from eth0.
+    c.agents[0].stop().unwrap();
+    let out = c.agents[0].cleanup().unwrap();
+    assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    let link = c.lab.run_ok("node1", &["ip", "-d", "link", "show", "eth0"]).unwrap();
+    assert!(!link.contains("xdp"), "XDP still attached after cleanup:\n{link}");
+    assert!(!links_dir.exists(), "pinned links left after cleanup");
+}
