@@ -45,7 +45,12 @@ pub fn response(hc: &HealthCheck) -> (u16, String) {
 impl HealthChecks {
     /// Starts, updates and stops servers to match `wanted`.
     pub fn update(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
-        let gone: Vec<u16> = self.servers.keys().filter(|p| !wanted.contains_key(p)).copied().collect();
+        let gone: Vec<u16> = self
+            .servers
+            .keys()
+            .filter(|p| !wanted.contains_key(p))
+            .copied()
+            .collect();
         for port in gone {
             if let Some(mut s) = self.servers.remove(&port) {
                 s.stop.store(true, Ordering::SeqCst);
@@ -81,23 +86,29 @@ fn start(port: u16, hc: HealthCheck) -> std::io::Result<Server> {
     let state = Arc::new(Mutex::new(hc));
     let stop = Arc::new(AtomicBool::new(false));
     let (st, sp) = (state.clone(), stop.clone());
-    let thread = std::thread::Builder::new().name(format!("healthcheck-{port}")).spawn(move || {
-        while !sp.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((conn, _)) => {
-                    let hc = st.lock().map(|h| h.clone()).ok();
-                    if let Some(hc) = hc {
-                        let _ = respond(conn, &hc);
+    let thread = std::thread::Builder::new()
+        .name(format!("healthcheck-{port}"))
+        .spawn(move || {
+            while !sp.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let hc = st.lock().map(|h| h.clone()).ok();
+                        if let Some(hc) = hc {
+                            let _ = respond(conn, &hc);
+                        }
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
-        }
-    })?;
-    Ok(Server { state, stop, thread: Some(thread) })
+        })?;
+    Ok(Server {
+        state,
+        stop,
+        thread: Some(thread),
+    })
 }
 
 fn respond(mut conn: TcpStream, hc: &HealthCheck) -> std::io::Result<()> {
@@ -110,7 +121,11 @@ fn respond(mut conn: TcpStream, hc: &HealthCheck) -> std::io::Result<()> {
         line.clear();
     }
     let (code, body) = response(hc);
-    let reason = if code == 200 { "OK" } else { "Service Unavailable" };
+    let reason = if code == 200 {
+        "OK"
+    } else {
+        "Service Unavailable"
+    };
     write!(
         conn,
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
@@ -128,7 +143,10 @@ mod tests {
     #[test]
     fn contract_bodies() {
         let mut hc = HealthCheck {
-            service: ServiceName { namespace: "default".into(), name: "web".into() },
+            service: ServiceName {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
             local_endpoints: 2,
         };
         let (code, body) = response(&hc);

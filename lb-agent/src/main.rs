@@ -11,8 +11,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use clap::Parser as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
     cli::{Cli, Command, LbMode, RunArgs},
     datapath::{self, BpfDatapath},
@@ -131,15 +131,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.node_ips.clone()
     };
-    let nodeport_ips = node::nodeport_ips(&node_ips, &args.nodeport_addresses)
-        .context("--nodeport-addresses")?;
-    let settings = node::Settings { service_cidrs: args.service_cidr.clone(), snat_ports };
+    let nodeport_ips =
+        node::nodeport_ips(&node_ips, &args.nodeport_addresses).context("--nodeport-addresses")?;
+    let settings = node::Settings {
+        service_cidrs: args.service_cidr.clone(),
+        snat_ports,
+    };
     let config = node::config(&node_ips, &settings).context("--service-cidr")?;
 
-    let opts = datapath::LoadOptions { conntrack_max: args.conntrack_max };
+    let opts = datapath::LoadOptions {
+        conntrack_max: args.conntrack_max,
+    };
     let mut dp = BpfDatapath::load(&args.bpffs_dir, opts).context("loading the datapath")?;
     let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing());
-    dp.set_config(&config).context("writing the datapath configuration")?;
+    dp.set_config(&config)
+        .context("writing the datapath configuration")?;
     dp.attach_cgroup(&args.cgroup_path, &args.bpffs_dir)
         .with_context(|| format!("attaching to cgroup {}", args.cgroup_path.display()))?;
     for iface in &args.interfaces {
@@ -174,15 +180,31 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     while !STOP.load(Ordering::SeqCst) {
         if source.changed(interval) || first {
             let (services, slices) = source.snapshot();
-            let inputs = Inputs { services: &services, slices: &slices };
-            let hcs = sync_once(&inputs, &node, &mut reconciler, &mut dp, &health, &mut logged, first);
+            let inputs = Inputs {
+                services: &services,
+                slices: &slices,
+            };
+            let hcs = sync_once(
+                &inputs,
+                &node,
+                &mut reconciler,
+                &mut dp,
+                &health,
+                &mut logged,
+                first,
+            );
             health_checks.update(&hcs);
             first = false;
         }
         if Instant::now() >= next_gc {
             let start = Instant::now();
             let (scanned, deleted) = dp.ct_gc(monotonic_ns());
-            debug!(scanned, deleted, took_ms = start.elapsed().as_secs_f64() * 1e3, "conntrack gc");
+            debug!(
+                scanned,
+                deleted,
+                took_ms = start.elapsed().as_secs_f64() * 1e3,
+                "conntrack gc"
+            );
             next_gc = Instant::now() + CT_GC_INTERVAL;
         }
         sleep_unless_stopped(interval);
@@ -268,7 +290,10 @@ const CT_GC_INTERVAL: Duration = Duration::from_secs(10);
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns, which conntrack expiry uses.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes the struct.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

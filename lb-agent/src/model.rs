@@ -135,8 +135,19 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
             };
             let proto = port.protocol.number();
             let mut put = |ip: IpAddr, p: u16, scope: u8, group: &GroupKey, flags: u32| {
-                let key = SvcKey { addr: addr::from_ip(ip), port: p.to_be(), proto, scope };
-                out.frontends.insert(key, Frontend { group: group.clone(), flags });
+                let key = SvcKey {
+                    addr: addr::from_ip(ip),
+                    port: p.to_be(),
+                    proto,
+                    scope,
+                };
+                out.frontends.insert(
+                    key,
+                    Frontend {
+                        group: group.clone(),
+                        flags,
+                    },
+                );
             };
             for ip in &svc.cluster_ips {
                 put(*ip, port.port, SCOPE_INTERNAL, &group, flags);
@@ -178,14 +189,28 @@ fn external_frontends(
     let cluster = add_group(out, svc, port, false, &eps.all, node, warn);
     let local = svc.external_policy == TrafficPolicy::Local;
     let (ext_group, ext_flags) = if local {
-        (add_group(out, svc, port, true, &eps.local, node, warn), flags | SVC_F_EXT_LOCAL)
+        (
+            add_group(out, svc, port, true, &eps.local, node, warn),
+            flags | SVC_F_EXT_LOCAL,
+        )
     } else {
         (cluster.clone(), flags)
     };
     let proto = port.protocol.number();
     let mut put = |ip: IpAddr, p: u16, scope: u8, group: &GroupKey, flags: u32| {
-        let key = SvcKey { addr: addr::from_ip(ip), port: p.to_be(), proto, scope };
-        out.frontends.insert(key, Frontend { group: group.clone(), flags });
+        let key = SvcKey {
+            addr: addr::from_ip(ip),
+            port: p.to_be(),
+            proto,
+            scope,
+        };
+        out.frontends.insert(
+            key,
+            Frontend {
+                group: group.clone(),
+                flags,
+            },
+        );
     };
     if let Some(np) = port.node_port {
         for ip in &nodeport_ips {
@@ -196,7 +221,11 @@ fn external_frontends(
     }
     let ranged = svc.source_ranges.is_some();
     for ip in &lb_ips {
-        let f = if ranged { ext_flags | SVC_F_SRC_RANGES } else { ext_flags };
+        let f = if ranged {
+            ext_flags | SVC_F_SRC_RANGES
+        } else {
+            ext_flags
+        };
         put(*ip, port.port, SCOPE_EXTERNAL, &ext_group, f);
         put(*ip, port.port, SCOPE_INTERNAL, &cluster, flags);
     }
@@ -206,20 +235,35 @@ fn external_frontends(
     }
     // Any other port on these addresses is rejected rather than routed on.
     for ip in lb_ips.iter().chain(&ext_ips) {
-        let marker = SvcKey { addr: addr::from_ip(*ip), port: 0, proto: 0, scope: SCOPE_EXTERNAL };
-        out.frontends.insert(marker, Frontend { group: ext_group.clone(), flags: SVC_F_FRONTEND_IP });
+        let marker = SvcKey {
+            addr: addr::from_ip(*ip),
+            port: 0,
+            proto: 0,
+            scope: SCOPE_EXTERNAL,
+        };
+        out.frontends.insert(
+            marker,
+            Frontend {
+                group: ext_group.clone(),
+                flags: SVC_F_FRONTEND_IP,
+            },
+        );
     }
     if let Some(ranges) = &svc.source_ranges
         && !lb_ips.is_empty()
     {
-        out.src_ranges.entry(ext_group.clone()).or_default().extend(ranges.iter().copied());
+        out.src_ranges
+            .entry(ext_group.clone())
+            .or_default()
+            .extend(ranges.iter().copied());
     }
-    if local
-        && let Some(hc) = svc.health_check_node_port
-    {
+    if local && let Some(hc) = svc.health_check_node_port {
         out.health_checks.insert(
             hc,
-            HealthCheck { service: svc.id.clone(), local_endpoints: eps.local_ready },
+            HealthCheck {
+                service: svc.id.clone(),
+                local_endpoints: eps.local_ready,
+            },
         );
     }
 }
@@ -350,4 +394,183 @@ fn port_endpoints(
 /// Which duplicate of an address wins: ready over serving over anything else.
 fn rank(ep: &EndpointInfo) -> u8 {
     u8::from(ep.ready) * 2 + u8::from(ep.serving)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::{EndpointInfo, SliceInfo, SlicePort};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn inventory(policy: TrafficPolicy, ranges: Option<Vec<(IpAddr, u8)>>) -> Inventory {
+        let id = ServiceName {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let svc = ServiceInfo {
+            id: id.clone(),
+            cluster_ips: vec![ip("172.30.0.10")],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: Some(30080),
+            }],
+            internal_policy: TrafficPolicy::Cluster,
+            external_policy: policy,
+            session_affinity: false,
+            external_ips: vec![ip("192.168.99.10")],
+            lb_ips: vec![ip("1.2.3.4")],
+            maglev_table_size: None,
+            source_ranges: ranges,
+            health_check_node_port: Some(32001),
+        };
+        let ep = |a: &str, node: &str, ready: bool| EndpointInfo {
+            addr: ip(a),
+            node_name: Some(node.into()),
+            ready,
+            serving: ready,
+            terminating: !ready,
+        };
+        let slice = SliceInfo {
+            name: "web-1".into(),
+            service: id.clone(),
+            ports: vec![SlicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: vec![
+                ep("10.0.1.10", "node1", true),
+                ep("10.0.2.10", "node2", true),
+                ep("10.0.1.11", "node1", false),
+            ],
+        };
+        let mut inv = Inventory::default();
+        inv.services.insert(id, svc);
+        inv.slices.insert(("default".into(), "web-1".into()), slice);
+        inv
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            node_name: "node1".into(),
+            nodeport_ips: vec![ip("192.168.0.2"), ip("2001:db8::2")],
+            ..NodeConfig::default()
+        }
+    }
+
+    fn key(a: &str, port: u16, proto: u8, scope: u8) -> SvcKey {
+        SvcKey {
+            addr: addr::from_ip(ip(a)),
+            port: port.to_be(),
+            proto,
+            scope,
+        }
+    }
+
+    #[test]
+    fn cluster_policy_external_frontends_use_all_endpoints() {
+        let d = desired_state(
+            &inventory(TrafficPolicy::Cluster, None),
+            &node(),
+            &mut |_| {},
+        );
+        let np = &d.frontends[&key("192.168.0.2", 30080, 6, SCOPE_EXTERNAL)];
+        assert_eq!(np.flags, 0);
+        assert_eq!(
+            d.groups[&np.group].backends.len(),
+            2,
+            "both ready endpoints, not the terminating one"
+        );
+        // The IPv6 node address is not a NodePort address of an IPv4-only service.
+        assert!(
+            !d.frontends
+                .contains_key(&key("2001:db8::2", 30080, 6, SCOPE_EXTERNAL))
+        );
+        for (a, p) in [
+            ("1.2.3.4", 80),
+            ("192.168.99.10", 80),
+            ("192.168.0.2", 30080),
+            ("172.30.0.10", 80),
+        ] {
+            assert!(
+                d.frontends.contains_key(&key(a, p, 6, SCOPE_EXTERNAL)),
+                "{a}:{p} external"
+            );
+            assert!(
+                d.frontends.contains_key(&key(a, p, 6, SCOPE_INTERNAL)),
+                "{a}:{p} internal"
+            );
+        }
+        for a in ["1.2.3.4", "192.168.99.10"] {
+            assert_eq!(
+                d.frontends[&key(a, 0, 0, SCOPE_EXTERNAL)].flags,
+                SVC_F_FRONTEND_IP,
+                "{a} marker"
+            );
+        }
+        assert!(
+            d.health_checks.is_empty(),
+            "no health check with policy Cluster"
+        );
+    }
+
+    #[test]
+    fn local_policy_uses_local_endpoints_externally_and_all_internally() {
+        let d = desired_state(&inventory(TrafficPolicy::Local, None), &node(), &mut |_| {});
+        let ext = &d.frontends[&key("192.168.0.2", 30080, 6, SCOPE_EXTERNAL)];
+        assert_eq!(ext.flags & SVC_F_EXT_LOCAL, SVC_F_EXT_LOCAL);
+        let local: Vec<IpAddr> = d.groups[&ext.group]
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect();
+        assert_eq!(local, vec![ip("10.0.1.10")]);
+        let int = &d.frontends[&key("192.168.0.2", 30080, 6, SCOPE_INTERNAL)];
+        assert_eq!(
+            d.groups[&int.group].backends.len(),
+            2,
+            "in-cluster clients reach every endpoint"
+        );
+        let hc = &d.health_checks[&32001];
+        assert_eq!(
+            hc.local_endpoints, 1,
+            "the terminating local endpoint does not count"
+        );
+    }
+
+    #[test]
+    fn source_ranges_restrict_only_the_load_balancer_ip() {
+        let ranges = Some(vec![(ip("203.0.113.0"), 28)]);
+        let d = desired_state(
+            &inventory(TrafficPolicy::Cluster, ranges),
+            &node(),
+            &mut |_| {},
+        );
+        let lb = &d.frontends[&key("1.2.3.4", 80, 6, SCOPE_EXTERNAL)];
+        assert_eq!(lb.flags & SVC_F_SRC_RANGES, SVC_F_SRC_RANGES);
+        assert_eq!(
+            d.src_ranges[&lb.group],
+            BTreeSet::from([(ip("203.0.113.0"), 28)])
+        );
+        for (a, p) in [("192.168.0.2", 30080), ("192.168.99.10", 80)] {
+            assert_eq!(
+                d.frontends[&key(a, p, 6, SCOPE_EXTERNAL)].flags & SVC_F_SRC_RANGES,
+                0,
+                "{a}"
+            );
+        }
+        // Every listed range invalid: still restricted, with no entries (nobody allowed).
+        let d = desired_state(
+            &inventory(TrafficPolicy::Cluster, Some(vec![])),
+            &node(),
+            &mut |_| {},
+        );
+        let lb = &d.frontends[&key("1.2.3.4", 80, 6, SCOPE_EXTERNAL)];
+        assert_eq!(lb.flags & SVC_F_SRC_RANGES, SVC_F_SRC_RANGES);
+    }
 }

@@ -60,8 +60,15 @@ pub fn nodeport_ips(node_ips: &[IpAddr], cidrs: &[String]) -> Result<Vec<IpAddr>
     if cidrs.is_empty() {
         return Ok(node_ips.to_vec());
     }
-    let nets: Vec<(IpAddr, u8)> = cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<_, _>>()?;
-    Ok(node_ips.iter().copied().filter(|ip| nets.iter().any(|(n, p)| contains(*n, *p, *ip))).collect())
+    let nets: Vec<(IpAddr, u8)> = cidrs
+        .iter()
+        .map(|c| parse_cidr(c))
+        .collect::<Result<_, _>>()?;
+    Ok(node_ips
+        .iter()
+        .copied()
+        .filter(|ip| nets.iter().any(|(n, p)| contains(*n, *p, *ip)))
+        .collect())
 }
 
 fn contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
@@ -141,7 +148,10 @@ mod tests {
 
     #[test]
     fn service_cidr_mask_matches_mapped_addresses() {
-        let s = Settings { service_cidrs: vec!["172.30.0.0/16".into()], snat_ports: (61001, 65535) };
+        let s = Settings {
+            service_cidrs: vec!["172.30.0.0/16".into()],
+            snat_ports: (61001, 65535),
+        };
         let cfg = config(&["192.168.0.2".parse().unwrap()], &s).unwrap();
         let a = addr::from_ip("172.30.9.9".parse().unwrap());
         let inside = (0..4).all(|i| a[i] & cfg.svc_mask[0][i] == cfg.svc_net[0][i]);
@@ -154,7 +164,10 @@ mod tests {
     #[test]
     fn nodeport_addresses_filter() {
         let ips: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap(), "10.9.0.1".parse().unwrap()];
-        assert_eq!(nodeport_ips(&ips, &["192.168.0.0/24".into()]).unwrap(), vec![ips[0]]);
+        assert_eq!(
+            nodeport_ips(&ips, &["192.168.0.0/24".into()]).unwrap(),
+            vec![ips[0]]
+        );
         assert_eq!(nodeport_ips(&ips, &[]).unwrap(), ips);
     }
 }

@@ -170,14 +170,21 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), Invalid> {
         return Err(bad());
     }
     let masked = match ip {
-        IpAddr::V4(v) => IpAddr::V4((u32::from(v) & u32::MAX.checked_shl(32 - u32::from(n)).unwrap_or(0)).into()),
-        IpAddr::V6(v) => IpAddr::V6((u128::from(v) & u128::MAX.checked_shl(128 - u32::from(n)).unwrap_or(0)).into()),
+        IpAddr::V4(v) => {
+            IpAddr::V4((u32::from(v) & u32::MAX.checked_shl(32 - u32::from(n)).unwrap_or(0)).into())
+        }
+        IpAddr::V6(v) => IpAddr::V6(
+            (u128::from(v) & u128::MAX.checked_shl(128 - u32::from(n)).unwrap_or(0)).into(),
+        ),
     };
     Ok((masked, n))
 }
 
 fn n_text(s: &str) -> &str {
-    s.trim().rsplit_once('/').map(|(_, n)| n).unwrap_or_default()
+    s.trim()
+        .rsplit_once('/')
+        .map(|(_, n)| n)
+        .unwrap_or_default()
 }
 
 fn parse_port(p: i32) -> Result<u16, Invalid> {
@@ -328,19 +335,29 @@ pub fn service(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<ServiceOut
         external_ips,
         lb_ips,
         maglev_table_size,
-        source_ranges: spec.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty()).map(|ranges| {
-            ranges
-                .iter()
-                .filter_map(|r| match parse_cidr(r) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        warn(format!("loadBalancerSourceRanges: {e}; ignored (it never widens access)"));
-                        None
-                    }
-                })
-                .collect()
-        }),
-        health_check_node_port: spec.health_check_node_port.filter(|&p| p != 0).map(parse_port).transpose()?,
+        source_ranges: spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .filter(|r| !r.is_empty())
+            .map(|ranges| {
+                ranges
+                    .iter()
+                    .filter_map(|r| match parse_cidr(r) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            warn(format!(
+                                "loadBalancerSourceRanges: {e}; ignored (it never widens access)"
+                            ));
+                            None
+                        }
+                    })
+                    .collect()
+            }),
+        health_check_node_port: spec
+            .health_check_node_port
+            .filter(|&p| p != 0)
+            .map(parse_port)
+            .transpose()?,
     }))
 }
 
@@ -468,4 +485,31 @@ fn object_label(
         meta.namespace.as_deref().unwrap_or("default"),
         meta.name.as_deref().unwrap_or("<unnamed>")
     )
+}
+
+#[cfg(test)]
+mod cidr_tests {
+    use super::parse_cidr;
+
+    #[test]
+    fn cidrs_are_trimmed_and_strict() {
+        assert_eq!(
+            parse_cidr(" 203.0.113.5/28 ").unwrap(),
+            ("203.0.113.0".parse().unwrap(), 28)
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1/64").unwrap(),
+            ("2001:db8::".parse().unwrap(), 64)
+        );
+        for bad in [
+            "not-a-cidr",
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "010.0.0.0/8",
+            "10.0.0.0 / 8",
+            "10.0.0.0/+8",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
 }

@@ -326,7 +326,8 @@ fn nodeport_local_remote_and_reply() {
     let Some(mut fx) = Fx::new() else { return };
     let local = fx.backend("10.0.1.5", 8080, true);
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend((NODE, 30080, 6),
+    fx.frontend(
+        (NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: local,
@@ -335,7 +336,8 @@ fn nodeport_local_remote_and_reply() {
         1,
         0,
     );
-    fx.frontend((NODE, 30081, 6),
+    fx.frontend(
+        (NODE, 30081, 6),
         2,
         MaglevSlot {
             backend: remote,
@@ -344,7 +346,8 @@ fn nodeport_local_remote_and_reply() {
         1,
         0,
     );
-    fx.frontend((NODE, 30082, 17),
+    fx.frontend(
+        (NODE, 30082, 17),
         3,
         MaglevSlot {
             backend: remote,
@@ -457,7 +460,8 @@ fn conntrack_keeps_flows_and_prev_owner() {
     let Some(mut fx) = Fx::new() else { return };
     let b1 = fx.backend("10.0.1.5", 8080, true);
     let b2 = fx.backend("10.0.1.6", 8080, true);
-    fx.frontend((NODE, 30080, 6),
+    fx.frontend(
+        (NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b1,
@@ -478,7 +482,8 @@ fn conntrack_keeps_flows_and_prev_owner() {
         )],
     );
     // The table moves every slot to b2 (b1 still exists): the established flow stays on b1.
-    fx.frontend((NODE, 30080, 6),
+    fx.frontend(
+        (NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b2,
@@ -551,8 +556,15 @@ fn reject_drop_and_source_ranges() {
     let b = fx.backend("10.0.1.5", 8080, true);
     fx.frontend((NODE, 30090, 6), 1, MaglevSlot::default(), 0, 0);
     fx.frontend((NODE, 30091, 17), 2, MaglevSlot::default(), 0, 0);
-    fx.frontend((NODE, 30092, 6), 3, MaglevSlot::default(), 0, SVC_F_EXT_LOCAL);
-    fx.frontend(("1.2.3.4", 80, 6),
+    fx.frontend(
+        (NODE, 30092, 6),
+        3,
+        MaglevSlot::default(),
+        0,
+        SVC_F_EXT_LOCAL,
+    );
+    fx.frontend(
+        ("1.2.3.4", 80, 6),
         4,
         MaglevSlot {
             backend: b,
@@ -561,7 +573,8 @@ fn reject_drop_and_source_ranges() {
         1,
         SVC_F_SRC_RANGES,
     );
-    fx.frontend(("1.2.3.4", 0, 0),
+    fx.frontend(
+        ("1.2.3.4", 0, 0),
         4,
         MaglevSlot {
             backend: b,
@@ -682,7 +695,8 @@ fn reject_drop_and_source_ranges() {
 fn malformed_and_unusual_input() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend((NODE, 30080, 6),
+    fx.frontend(
+        (NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b,
@@ -691,7 +705,8 @@ fn malformed_and_unusual_input() {
         1,
         0,
     );
-    fx.frontend((NODE, 30083, 17),
+    fx.frontend(
+        (NODE, 30083, 17),
         2,
         MaglevSlot {
             backend: b,
@@ -775,7 +790,8 @@ fn malformed_and_unusual_input() {
     );
     // IPv6 with a destination-options header before TCP.
     let b6 = fx.backend("fd00:10:0:1::5", 8080, true);
-    fx.frontend(("2001:db8::2", 30080, 6),
+    fx.frontend(
+        ("2001:db8::2", 30080, 6),
         3,
         MaglevSlot {
             backend: b6,
@@ -799,7 +815,8 @@ fn malformed_and_unusual_input() {
 fn fragments_follow_the_first() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend((NODE, 30083, 17),
+    fx.frontend(
+        (NODE, 30083, 17),
         1,
         MaglevSlot {
             backend: b,
@@ -846,7 +863,8 @@ fn fragments_follow_the_first() {
 fn icmp_frag_needed_translated_back() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend((NODE, 30080, 6),
+    fx.frontend(
+        (NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b,
@@ -899,7 +917,8 @@ fn icmp_frag_needed_translated_back() {
 fn tc_egress_restores_frontend_source() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend((NODE, 30080, 6),
+    fx.frontend(
+        (NODE, 30080, 6),
         1,
         MaglevSlot {
             backend: b,
@@ -935,7 +954,8 @@ fn tc_egress_restores_frontend_source() {
 fn ipv6_reject_and_translate() {
     let Some(mut fx) = Fx::new() else { return };
     let b6 = fx.backend("fd00:10:0:1::5", 8080, true);
-    fx.frontend(("2001:db8::2", 30080, 17),
+    fx.frontend(
+        ("2001:db8::2", 30080, 17),
         1,
         MaglevSlot {
             backend: b6,
@@ -1015,14 +1035,38 @@ fn costs() {
     let Some(mut fx) = Fx::new() else { return };
     let local = fx.backend("10.0.1.5", 8080, true);
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend((NODE, 30080, 6), 1, MaglevSlot { backend: local, prev: 0 }, 1, 0);
-    fx.frontend((NODE, 30081, 6), 2, MaglevSlot { backend: remote, prev: 0 }, 1, 0);
+    fx.frontend(
+        (NODE, 30080, 6),
+        1,
+        MaglevSlot {
+            backend: local,
+            prev: 0,
+        },
+        1,
+        0,
+    );
+    fx.frontend(
+        (NODE, 30081, 6),
+        2,
+        MaglevSlot {
+            backend: remote,
+            prev: 0,
+        },
+        1,
+        0,
+    );
     fx.frontend((NODE, 30090, 6), 3, MaglevSlot::default(), 0, 0);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     const N: u16 = 2000;
     let mut measure = |name: &str, frames: &mut dyn FnMut(u16) -> Vec<u8>| {
         let stats = |fx: &mut Fx| {
-            let prog: &mut Xdp = fx.dp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+            let prog: &mut Xdp = fx
+                .dp
+                .ebpf_mut()
+                .program_mut(XDP_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
             let info = prog.info().unwrap();
             (info.run_time().as_nanos() as u64, info.run_count())
         };
@@ -1031,29 +1075,68 @@ fn costs() {
             .map(|i| {
                 let f = frames(i);
                 let ifindex = fx.ifindex;
-                let prog: &mut Xdp = fx.dp.ebpf_mut().program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+                let prog: &mut Xdp = fx
+                    .dp
+                    .ebpf_mut()
+                    .program_mut(XDP_PROGRAM)
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
                 let md: [u32; 6] = [0, f.len() as u32, 0, ifindex, 0, 0];
                 let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
                 let mut out = vec![0u8; f.len() + 512];
                 let r = prog
-                    .test_run(TestRunOptions { data_in: Some(&f), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() })
+                    .test_run(TestRunOptions {
+                        data_in: Some(&f),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&ctx),
+                        ..Default::default()
+                    })
                     .unwrap();
                 r.duration.as_nanos()
             })
             .collect();
         let (t1, c1) = stats(&mut fx);
         d.sort_unstable();
-        let stats_ns = if c1 > c0 { (t1 - t0) as f64 / (c1 - c0) as f64 } else { f64::NAN };
-        println!("{name:<34} median {:>5} ns  p90 {:>5} ns  bpf_stats {:>7.1} ns/run", d[d.len() / 2], d[d.len() * 9 / 10], stats_ns);
+        let stats_ns = if c1 > c0 {
+            (t1 - t0) as f64 / (c1 - c0) as f64
+        } else {
+            f64::NAN
+        };
+        println!(
+            "{name:<34} median {:>5} ns  p90 {:>5} ns  bpf_stats {:>7.1} ns/run",
+            d[d.len() / 2],
+            d[d.len() * 9 / 10],
+            stats_ns
+        );
     };
-    let arp = [&Pkt::tcp(CLIENT, 1, NODE, 1, SYN).build()[..12], &[0x08, 0x06], &[0u8; 46][..]].concat();
+    let arp = [
+        &Pkt::tcp(CLIENT, 1, NODE, 1, SYN).build()[..12],
+        &[0x08, 0x06],
+        &[0u8; 46][..],
+    ]
+    .concat();
     measure("floor (ARP, not IP)", &mut |_| arp.clone());
-    measure("non-VIP TCP (pass)", &mut |_| Pkt::tcp(CLIENT, 40000, "8.8.8.8", 53, SYN).build());
-    measure("new flow, local backend (DNAT)", &mut |i| Pkt::tcp(CLIENT, 10000 + i, NODE, 30080, SYN).build());
-    measure("conntrack hit, local backend", &mut |_| Pkt::tcp(CLIENT, 10000, NODE, 30080, ACK).build());
-    measure("new flow, remote backend (SNAT+TX)", &mut |i| Pkt::tcp(CLIENT, 20000 + i, NODE, 30081, SYN).build());
-    measure("conntrack hit, remote backend", &mut |_| Pkt::tcp(CLIENT, 20000, NODE, 30081, ACK).build());
+    measure("non-VIP TCP (pass)", &mut |_| {
+        Pkt::tcp(CLIENT, 40000, "8.8.8.8", 53, SYN).build()
+    });
+    measure("new flow, local backend (DNAT)", &mut |i| {
+        Pkt::tcp(CLIENT, 10000 + i, NODE, 30080, SYN).build()
+    });
+    measure("conntrack hit, local backend", &mut |_| {
+        Pkt::tcp(CLIENT, 10000, NODE, 30080, ACK).build()
+    });
+    measure("new flow, remote backend (SNAT+TX)", &mut |i| {
+        Pkt::tcp(CLIENT, 20000 + i, NODE, 30081, SYN).build()
+    });
+    measure("conntrack hit, remote backend", &mut |_| {
+        Pkt::tcp(CLIENT, 20000, NODE, 30081, ACK).build()
+    });
     let port = snat_port(&Pkt::tcp(CLIENT, 20000, NODE, 30081, SYN));
-    measure("reply from remote backend", &mut |_| Pkt::tcp("10.0.2.5", 8080, NODE, port, ACK).build());
-    measure("reject (TCP RST)", &mut |i| Pkt::tcp(CLIENT, 30000 + i, NODE, 30090, SYN).build());
+    measure("reply from remote backend", &mut |_| {
+        Pkt::tcp("10.0.2.5", 8080, NODE, port, ACK).build()
+    });
+    measure("reject (TCP RST)", &mut |i| {
+        Pkt::tcp(CLIENT, 30000 + i, NODE, 30090, SYN).build()
+    });
 }

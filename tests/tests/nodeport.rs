@@ -20,7 +20,13 @@ const NODE2: &str = "192.168.0.3";
 const APPLY: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
 
-fn service(name: &str, cluster_ip: &str, node_port: u16, udp_node_port: u16, policy: &str) -> Service {
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    node_port: u16,
+    udp_node_port: u16,
+    policy: &str,
+) -> Service {
     Service::new(name)
         .type_(ServiceType::LoadBalancer)
         .cluster_ip(cluster_ip)
@@ -70,12 +76,20 @@ fn cluster() -> Cluster {
     c.write("svc.yaml", &[lb, local, empty]).unwrap();
     c.write(
         "slices.yaml",
-        &[slice("web-1", "web", &[POD_A, POD_B]), slice("local-1", "local", &[POD_A]), slice("empty-1", "empty", &[])],
+        &[
+            slice("web-1", "web", &[POD_A, POD_B]),
+            slice("local-1", "local", &[POD_A]),
+            slice("empty-1", "empty", &[]),
+        ],
     )
     .unwrap();
     // Generic XDP: native XDP_TX on a veth needs NAPI on its peer (the fabric side), which the
     // lab does not enable; real NICs have no such requirement.
-    c.start_agents(&["--service-cidr", "172.30.0.0/16", "--xdp-mode", "generic"], Duration::from_secs(30)).unwrap();
+    c.start_agents(
+        &["--service-cidr", "172.30.0.0/16", "--xdp-mode", "generic"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
     c
 }
 
@@ -95,7 +109,11 @@ fn who(c: &Cluster, from: &str, target: &str, n: u32) -> (BTreeSet<String>, BTre
     for a in c.lab.http(from, target, "/clientip", n).unwrap() {
         assert!(a.ok, "{from} -> {target}: {a:?}");
         let body = a.body.unwrap();
-        peers.insert(body.rsplit_once(':').map(|(ip, _)| ip.to_owned()).unwrap_or(body));
+        peers.insert(
+            body.rsplit_once(':')
+                .map(|(ip, _)| ip.to_owned())
+                .unwrap_or(body),
+        );
     }
     (pods, peers)
 }
@@ -109,14 +127,25 @@ fn nodeport_cluster_policy_from_outside() {
     for node in [NODE1, NODE2] {
         let target = format!("{node}:30080");
         let (pods, peers) = who(&c, CLIENT, &target, 24);
-        assert_eq!(pods, BTreeSet::from(["pod-a".into(), "pod-b".into()]), "via {node}");
+        assert_eq!(
+            pods,
+            BTreeSet::from(["pod-a".into(), "pod-b".into()]),
+            "via {node}"
+        );
         // Local backends see the client; remote ones the forwarding node's IP (SNAT).
         let expected: BTreeSet<String> = [CLIENT_IP.to_owned(), node.to_owned()].into();
         assert_eq!(peers, expected, "source addresses backends saw via {node}");
-        let udp = c.lab.udp(CLIENT, &format!("{node}:30053"), "hostname", 24).unwrap();
+        let udp = c
+            .lab
+            .udp(CLIENT, &format!("{node}:30053"), "hostname", 24)
+            .unwrap();
         let answers = tally(&udp);
         assert!(udp.iter().all(|a| a.ok), "udp via {node}: {answers:?}");
-        assert_eq!(answers.len(), 2, "udp via {node} reaches both backends: {answers:?}");
+        assert_eq!(
+            answers.len(),
+            2,
+            "udp via {node} reaches both backends: {answers:?}"
+        );
     }
 }
 
@@ -129,11 +158,20 @@ fn nodeport_local_policy_keeps_client_ip_and_other_node_drops() {
     let (pods, peers) = who(&c, CLIENT, &format!("{NODE1}:30081"), 10);
     assert_eq!(pods, BTreeSet::from(["pod-a".into()]));
     assert_eq!(peers, BTreeSet::from([CLIENT_IP.to_owned()]));
-    let r = c.lab.request(CLIENT, &Request::http(&format!("{NODE2}:30081"), "/hostname").timeout_ms(500)).unwrap();
+    let r = c
+        .lab
+        .request(
+            CLIENT,
+            &Request::http(&format!("{NODE2}:30081"), "/hostname").timeout_ms(500),
+        )
+        .unwrap();
     assert!(timed_out(&r[0]), "node2 has no local endpoint: drop, {r:?}");
     // Health check: 200 with one endpoint on node1, 503 on node2.
     let hc = |node: &str| {
-        c.lab.http(CLIENT, &format!("{node}:32001"), "/healthz", 1).unwrap().remove(0)
+        c.lab
+            .http(CLIENT, &format!("{node}:32001"), "/healthz", 1)
+            .unwrap()
+            .remove(0)
     };
     let one = hc(NODE1);
     assert!(one.ok, "{one:?}");
@@ -148,7 +186,10 @@ fn nodeport_local_policy_keeps_client_ip_and_other_node_drops() {
     let lb = service("web", "172.30.0.10", 30080, 30053, "Cluster").to_json();
     c.write("svc.yaml", &[lb, cluster_svc]).unwrap();
     poll_until(APPLY, POLL, "health check port to close", || {
-        let r = c.lab.request(CLIENT, &Request::http(&format!("{NODE1}:32001"), "/healthz").timeout_ms(500))?;
+        let r = c.lab.request(
+            CLIENT,
+            &Request::http(&format!("{NODE1}:32001"), "/healthz").timeout_ms(500),
+        )?;
         Ok(r[0].error.as_deref() == Some("ECONNREFUSED"))
     })
     .unwrap();
@@ -166,19 +207,53 @@ fn lb_ip_external_ip_source_ranges_and_reject() {
     let (pods, _) = who(&c, CLIENT, "192.168.99.10:80", 16);
     assert_eq!(pods.len(), 2, "external IP reaches both backends: {pods:?}");
     // loadBalancerSourceRanges: the LB IP drops other sources; the NodePort does not.
-    let r = c.lab.request(OUTSIDER, &Request::http("1.2.3.4:80", "/hostname").timeout_ms(500)).unwrap();
+    let r = c
+        .lab
+        .request(
+            OUTSIDER,
+            &Request::http("1.2.3.4:80", "/hostname").timeout_ms(500),
+        )
+        .unwrap();
     assert!(timed_out(&r[0]), "outside the source ranges: {r:?}");
-    let r = c.lab.http(OUTSIDER, &format!("{NODE1}:30080"), "/hostname", 4).unwrap();
-    assert!(r.iter().all(|a| a.ok), "NodePort ignores source ranges: {:?}", tally(&r));
+    let r = c
+        .lab
+        .http(OUTSIDER, &format!("{NODE1}:30080"), "/hostname", 4)
+        .unwrap();
+    assert!(
+        r.iter().all(|a| a.ok),
+        "NodePort ignores source ranges: {:?}",
+        tally(&r)
+    );
     // A known frontend IP on an unknown port, and a service without endpoints: refused fast.
     for target in ["1.2.3.4:81", "192.168.99.10:81", &format!("{NODE1}:30082")] {
-        let r = c.lab.request(CLIENT, &Request::http(target, "/hostname").timeout_ms(1000)).unwrap();
-        assert_eq!(r[0].error.as_deref(), Some("ECONNREFUSED"), "{target}: {r:?}");
+        let r = c
+            .lab
+            .request(CLIENT, &Request::http(target, "/hostname").timeout_ms(1000))
+            .unwrap();
+        assert_eq!(
+            r[0].error.as_deref(),
+            Some("ECONNREFUSED"),
+            "{target}: {r:?}"
+        );
     }
-    let udp = c.lab.request(CLIENT, &Request::udp(&format!("{NODE1}:30055"), "hostname").connected().timeout_ms(1000)).unwrap();
-    assert!(!udp[0].ok && udp[0].error.as_deref() != Some("timeout"), "udp reject: {udp:?}");
+    let udp = c
+        .lab
+        .request(
+            CLIENT,
+            &Request::udp(&format!("{NODE1}:30055"), "hostname")
+                .connected()
+                .timeout_ms(1000),
+        )
+        .unwrap();
+    assert!(
+        !udp[0].ok && udp[0].error.as_deref() != Some("timeout"),
+        "udp reject: {udp:?}"
+    );
     // Unused service IP: dropped, not routed.
-    let r = c.lab.request(CLIENT, &Request::http("172.30.9.9:80", "/").timeout_ms(300)).unwrap();
+    let r = c
+        .lab
+        .request(CLIENT, &Request::http("172.30.9.9:80", "/").timeout_ms(300))
+        .unwrap();
     assert!(timed_out(&r[0]), "unused service IP: {r:?}");
 }
 
@@ -188,11 +263,23 @@ fn in_cluster_clients_reach_nodeports() {
         return;
     }
     let c = cluster();
-    for target in [format!("{NODE1}:30080"), format!("{NODE2}:30080"), "1.2.3.4:80".into()] {
+    for target in [
+        format!("{NODE1}:30080"),
+        format!("{NODE2}:30080"),
+        "1.2.3.4:80".into(),
+    ] {
         let replies = c.lab.http("client1", &target, "/hostname", 16).unwrap();
-        assert!(replies.iter().all(|a| a.ok), "client1 -> {target}: {:?}", tally(&replies));
+        assert!(
+            replies.iter().all(|a| a.ok),
+            "client1 -> {target}: {:?}",
+            tally(&replies)
+        );
         let replies = c.lab.http("node2", &target, "/hostname", 8).unwrap();
-        assert!(replies.iter().all(|a| a.ok), "node2 -> {target}: {:?}", tally(&replies));
+        assert!(
+            replies.iter().all(|a| a.ok),
+            "node2 -> {target}: {:?}",
+            tally(&replies)
+        );
     }
 }
 
@@ -204,15 +291,43 @@ fn long_stream_survives_endpoint_changes() {
     let c = cluster();
     let target = format!("{NODE1}:30080");
     let stream = std::thread::scope(|s| {
-        let h = s.spawn(|| c.lab.request(CLIENT, &Request::stream(&target, Duration::from_secs(4))).unwrap());
+        let h = s.spawn(|| {
+            c.lab
+                .request(CLIENT, &Request::stream(&target, Duration::from_secs(4)))
+                .unwrap()
+        });
         std::thread::sleep(Duration::from_millis(500));
         // Endpoints come and go while the stream runs (its own backend stays): the Maglev
         // table changes, conntrack keeps the flow where it is.
-        let extra = [POD_A, POD_B, ("pod-c", 2, "10.0.2.11"), ("pod-d", 1, "10.0.1.11")];
-        let others = [slice("local-1", "local", &[POD_A]), slice("empty-1", "empty", &[])];
-        c.write("slices.yaml", &[slice("web-1", "web", &extra), others[0].clone(), others[1].clone()]).unwrap();
+        let extra = [
+            POD_A,
+            POD_B,
+            ("pod-c", 2, "10.0.2.11"),
+            ("pod-d", 1, "10.0.1.11"),
+        ];
+        let others = [
+            slice("local-1", "local", &[POD_A]),
+            slice("empty-1", "empty", &[]),
+        ];
+        c.write(
+            "slices.yaml",
+            &[
+                slice("web-1", "web", &extra),
+                others[0].clone(),
+                others[1].clone(),
+            ],
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(1000));
-        c.write("slices.yaml", &[slice("web-1", "web", &extra[..3]), others[0].clone(), others[1].clone()]).unwrap();
+        c.write(
+            "slices.yaml",
+            &[
+                slice("web-1", "web", &extra[..3]),
+                others[0].clone(),
+                others[1].clone(),
+            ],
+        )
+        .unwrap();
         h.join().unwrap()
     });
     assert!(stream[0].ok, "stream broke: {:?}", stream[0]);
@@ -225,7 +340,9 @@ fn long_stream_survives_endpoint_changes() {
 fn debug_lab() {
     let c = cluster();
     eprintln!("LAB {} up", c.lab.prefix());
-    let _ = c.lab.http(CLIENT, &format!("{NODE1}:30080"), "/hostname", 4);
+    let _ = c
+        .lab
+        .http(CLIENT, &format!("{NODE1}:30080"), "/hostname", 4);
     std::thread::sleep(Duration::from_secs(90));
 }
 
@@ -249,20 +366,44 @@ fn restart_keeps_serving_and_cleanup_detaches() {
     c.agents[0] = lb_tests::Agent::start(&c.lab, 1, &dir, &args).unwrap();
     c.agents[0].wait_synced(Duration::from_secs(30)).unwrap();
     all_ok(&c, "agent restarted");
-    let link = c.lab.run_ok("node1", &["ip", "-d", "link", "show", "eth0"]).unwrap();
-    assert!(link.contains("xdpgeneric"), "XDP attached in generic mode:\n{link}");
+    let link = c
+        .lab
+        .run_ok("node1", &["ip", "-d", "link", "show", "eth0"])
+        .unwrap();
+    assert!(
+        link.contains("xdpgeneric"),
+        "XDP attached in generic mode:\n{link}"
+    );
     let links_dir = c.lab.node(1).unwrap().bpffs.join("links");
     for pin in ["tc_egress_eth0", "tc_ingress_eth0", "xdp_eth0"] {
         let path = links_dir.join(pin);
-        let out = std::process::Command::new("bpftool").args(["link", "show", "pinned"]).arg(&path).output().unwrap();
+        let out = std::process::Command::new("bpftool")
+            .args(["link", "show", "pinned"])
+            .arg(&path)
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains("prog"), "{}: {text}", path.display());
+        assert!(
+            out.status.success() && text.contains("prog"),
+            "{}: {text}",
+            path.display()
+        );
     }
     // cleanup detaches everything from eth0.
     c.agents[0].stop().unwrap();
     let out = c.agents[0].cleanup().unwrap();
-    assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
-    let link = c.lab.run_ok("node1", &["ip", "-d", "link", "show", "eth0"]).unwrap();
-    assert!(!link.contains("xdp"), "XDP still attached after cleanup:\n{link}");
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = c
+        .lab
+        .run_ok("node1", &["ip", "-d", "link", "show", "eth0"])
+        .unwrap();
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after cleanup:\n{link}"
+    );
     assert!(!links_dir.exists(), "pinned links left after cleanup");
 }
