@@ -2,6 +2,7 @@
 //! Names and capacities come from `lb_common::maps`; the agent pins each under `--bpffs-dir`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -41,8 +42,10 @@ pub static REV_SK: LruHashMap<RevSkKey, RevSkVal, { MAX_REV_SK as usize }> = Lru
 pub static STATS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
 
 /// North-south conntrack; the agent sets the real capacity (`--conntrack-max`) at load time.
+/// Per-CPU LRU lists: inserts of new flows never contend on one global list lock.
 #[btf_map(name = "KPLB_CT")]
-pub static CT: LruHashMap<CtKey, CtVal, { DEFAULT_CT_MAX as usize }> = LruHashMap::new();
+pub static CT: LruHashMap<CtKey, CtVal, { DEFAULT_CT_MAX as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "KPLB_FRAG")]
 pub static FRAGS: LruHashMap<FragKey, FragVal, { MAX_FRAGS as usize }> = LruHashMap::new();

@@ -334,18 +334,6 @@ fn long_stream_survives_endpoint_changes() {
     assert!(stream[0].bytes.unwrap_or(0) > 0);
 }
 
-/// Manual debugging: keeps the lab up for a while (`cargo test ... debug_lab -- --ignored`).
-#[test]
-#[ignore]
-fn debug_lab() {
-    let c = cluster();
-    eprintln!("LAB {} up", c.lab.prefix());
-    let _ = c
-        .lab
-        .http(CLIENT, &format!("{NODE1}:30080"), "/hostname", 4);
-    std::thread::sleep(Duration::from_secs(90));
-}
-
 #[test]
 fn restart_keeps_serving_and_cleanup_detaches() {
     if !require_root("nodeport restart and cleanup") {
