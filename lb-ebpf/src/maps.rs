@@ -44,8 +44,12 @@ pub static STATS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::n
 /// North-south conntrack; the agent sets the real capacity (`--conntrack-max`) at load time.
 /// Per-CPU LRU lists: inserts of new flows never contend on one global list lock.
 #[btf_map(name = "KPLB_CT")]
-pub static CT: LruHashMap<CtKey, CtVal, { DEFAULT_CT_MAX as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
-    LruHashMap::new();
+pub static CT: LruHashMap<
+    CtKey,
+    CtVal,
+    { DEFAULT_CT_MAX as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 #[btf_map(name = "KPLB_FRAG")]
 pub static FRAGS: LruHashMap<FragKey, FragVal, { MAX_FRAGS as usize }> = LruHashMap::new();

@@ -6,8 +6,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        TC_ACT_OK, bpf_fib_lookup,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup,
     },
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
@@ -121,7 +121,9 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let h = &s.hdr;
-    let Some(cfg) = config() else { return TC_ACT_OK };
+    let Some(cfg) = config() else {
+        return TC_ACT_OK;
+    };
     let node = if h.v6 { &cfg.node_ip6 } else { &cfg.node_ip4 };
     if h.src != *node || h.dst == *node {
         return TC_ACT_OK;
@@ -142,7 +144,12 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     }
     // SAFETY: helper calls with a stack buffer of the declared size.
     unsafe {
-        let rc = bpf_fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0);
+        let rc = bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        );
         if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
             return TC_ACT_OK;
         }
