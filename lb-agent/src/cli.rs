@@ -98,6 +98,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0x6b70_6c62)]
     pub maglev_seed: u64,
 
+    /// Seconds a Maglev table keeps each moved slot's previous owner after a backend change
+    /// (0 disables). A non-SYN TCP packet without conntrack state (the flow was re-hashed to this
+    /// node by an upstream router, or the node restarted) goes to that previous owner if it still
+    /// exists. Longer windows protect longer-lived flows at the cost of one extra table rewrite.
+    #[arg(long, default_value_t = 60)]
+    pub maglev_prev_window: u64,
+
     /// How often the manifest directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub poll_interval_ms: u64,

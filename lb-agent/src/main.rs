@@ -143,7 +143,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         conntrack_max: args.conntrack_max,
     };
     let mut dp = BpfDatapath::load(&args.bpffs_dir, opts).context("loading the datapath")?;
-    let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing());
+    let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing())
+        .with_prev_window(Duration::from_secs(args.maglev_prev_window));
     dp.set_config(&config)
         .context("writing the datapath configuration")?;
     dp.attach_cgroup(&args.cgroup_path, &args.bpffs_dir)
@@ -206,6 +207,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 "conntrack gc"
             );
             next_gc = Instant::now() + CT_GC_INTERVAL;
+        }
+        let expired = reconciler.expire_prev(Instant::now(), &mut dp, &mut |e| error!("sync: {e}"));
+        if expired > 0 {
+            info!(
+                tables = expired,
+                "previous-owner window ended; tables rewritten"
+            );
         }
         sleep_unless_stopped(interval);
     }

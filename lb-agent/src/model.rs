@@ -45,6 +45,9 @@ pub struct GroupKey {
     pub service: ServiceName,
     pub port_name: String,
     pub protocol: Protocol,
+    /// Address family of the group's frontends and backends: a dual-stack service has one
+    /// group per family, so an IPv4 ClusterIP is never balanced to an IPv6 endpoint.
+    pub ipv6: bool,
     /// Only this node's endpoints (a `Local` traffic policy).
     pub local_only: bool,
     /// Part of the identity: a table never changes size under one group id.
@@ -120,63 +123,109 @@ struct PortEndpoints {
 pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(String)) -> Desired {
     let mut out = Desired::default();
     for svc in inv.services.values() {
-        for port in &svc.ports {
-            let eps = port_endpoints(inv, svc, port, &node.node_name);
+        for (port, ipv6) in svc.ports.iter().flat_map(|p| [(p, false), (p, true)]) {
+            if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ipv6) {
+                continue;
+            }
+            let eps = port_endpoints(inv, svc, port, ipv6, &node.node_name);
             let internal = match svc.internal_policy {
                 TrafficPolicy::Cluster => &eps.all,
                 TrafficPolicy::Local => &eps.local,
             };
             let local_only = svc.internal_policy == TrafficPolicy::Local;
-            let group = add_group(&mut out, svc, port, local_only, internal, node, warn);
+            let group = add_group(&mut out, svc, port, ipv6, local_only, internal, node, warn);
             let flags = if svc.session_affinity {
                 SVC_F_AFFINITY
             } else {
                 0
             };
-            let proto = port.protocol.number();
-            let mut put = |ip: IpAddr, p: u16, scope: u8, group: &GroupKey, flags: u32| {
-                let key = SvcKey {
-                    addr: addr::from_ip(ip),
-                    port: p.to_be(),
-                    proto,
-                    scope,
-                };
-                out.frontends.insert(
-                    key,
-                    Frontend {
-                        group: group.clone(),
-                        flags,
-                    },
+            for ip in svc.cluster_ips.iter().filter(|c| c.is_ipv6() == ipv6) {
+                // Internal scope only: like Cilium's default (unlike kube-proxy), a ClusterIP is
+                // not served to packets arriving on --interfaces; with --service-cidr they are
+                // dropped there.
+                put(
+                    &mut out,
+                    *ip,
+                    port.port,
+                    port,
+                    SCOPE_INTERNAL,
+                    &group,
+                    flags,
                 );
-            };
-            for ip in &svc.cluster_ips {
-                put(*ip, port.port, SCOPE_INTERNAL, &group, flags);
-                // A ClusterIP routed to this node from outside is served too (never dropped as
-                // an unused service address).
-                put(*ip, port.port, SCOPE_EXTERNAL, &group, flags);
             }
-            external_frontends(&mut out, svc, port, &eps, node, flags, warn);
+            external_frontends(&mut out, svc, port, ipv6, &eps, node, flags, warn);
         }
     }
     out
 }
 
-/// NodePort, LoadBalancer and external IP frontends of one service port.
+/// The group of one service port, family and endpoint selection (created on first use).
+#[allow(clippy::too_many_arguments)]
+fn add_group(
+    out: &mut Desired,
+    svc: &ServiceInfo,
+    port: &ServicePort,
+    ipv6: bool,
+    local_only: bool,
+    backends: &[BackendSpec],
+    node: &NodeConfig,
+    warn: &mut dyn FnMut(String),
+) -> GroupKey {
+    let key = GroupKey {
+        service: svc.id.clone(),
+        port_name: port.name.clone(),
+        protocol: port.protocol,
+        ipv6,
+        local_only,
+        table_size: table_size(svc, backends.len(), node, warn),
+    };
+    out.groups.entry(key.clone()).or_insert_with(|| Group {
+        backends: backends.to_vec(),
+    });
+    key
+}
+
+fn put(
+    out: &mut Desired,
+    ip: IpAddr,
+    p: u16,
+    port: &ServicePort,
+    scope: u8,
+    group: &GroupKey,
+    flags: u32,
+) {
+    let key = SvcKey {
+        addr: addr::from_ip(ip),
+        port: p.to_be(),
+        proto: port.protocol.number(),
+        scope,
+    };
+    out.frontends.insert(
+        key,
+        Frontend {
+            group: group.clone(),
+            flags,
+        },
+    );
+}
+
+/// NodePort, LoadBalancer and external IP frontends of one service port and family.
 ///
 /// External scope (XDP): `externalTrafficPolicy` picks all or only local endpoints; Local drops
 /// where there is none (another node may have one). Internal scope (sockets on this node): all
 /// endpoints, as kube-proxy short-circuits in-cluster traffic to these addresses.
+#[allow(clippy::too_many_arguments)]
 fn external_frontends(
     out: &mut Desired,
     svc: &ServiceInfo,
     port: &ServicePort,
+    ipv6: bool,
     eps: &PortEndpoints,
     node: &NodeConfig,
     flags: u32,
     warn: &mut dyn FnMut(String),
 ) {
-    let families: BTreeSet<bool> = svc.cluster_ips.iter().map(IpAddr::is_ipv6).collect();
-    let fits = |ip: &IpAddr| families.contains(&ip.is_ipv6());
+    let fits = |ip: &IpAddr| ip.is_ipv6() == ipv6;
     let nodeport_ips: Vec<IpAddr> = match port.node_port {
         Some(_) => node.nodeport_ips.iter().copied().filter(fits).collect(),
         None => Vec::new(),
@@ -186,37 +235,21 @@ fn external_frontends(
     if nodeport_ips.is_empty() && lb_ips.is_empty() && ext_ips.is_empty() {
         return;
     }
-    let cluster = add_group(out, svc, port, false, &eps.all, node, warn);
+    let cluster = add_group(out, svc, port, ipv6, false, &eps.all, node, warn);
     let local = svc.external_policy == TrafficPolicy::Local;
     let (ext_group, ext_flags) = if local {
         (
-            add_group(out, svc, port, true, &eps.local, node, warn),
+            add_group(out, svc, port, ipv6, true, &eps.local, node, warn),
             flags | SVC_F_EXT_LOCAL,
         )
     } else {
         (cluster.clone(), flags)
     };
-    let proto = port.protocol.number();
-    let mut put = |ip: IpAddr, p: u16, scope: u8, group: &GroupKey, flags: u32| {
-        let key = SvcKey {
-            addr: addr::from_ip(ip),
-            port: p.to_be(),
-            proto,
-            scope,
-        };
-        out.frontends.insert(
-            key,
-            Frontend {
-                group: group.clone(),
-                flags,
-            },
-        );
-    };
     if let Some(np) = port.node_port {
         for ip in &nodeport_ips {
             // The NodePort is not restricted by loadBalancerSourceRanges (as in kube-proxy).
-            put(*ip, np, SCOPE_EXTERNAL, &ext_group, ext_flags);
-            put(*ip, np, SCOPE_INTERNAL, &cluster, flags);
+            put(out, *ip, np, port, SCOPE_EXTERNAL, &ext_group, ext_flags);
+            put(out, *ip, np, port, SCOPE_INTERNAL, &cluster, flags);
         }
     }
     let ranged = svc.source_ranges.is_some();
@@ -226,12 +259,20 @@ fn external_frontends(
         } else {
             ext_flags
         };
-        put(*ip, port.port, SCOPE_EXTERNAL, &ext_group, f);
-        put(*ip, port.port, SCOPE_INTERNAL, &cluster, flags);
+        put(out, *ip, port.port, port, SCOPE_EXTERNAL, &ext_group, f);
+        put(out, *ip, port.port, port, SCOPE_INTERNAL, &cluster, flags);
     }
     for ip in &ext_ips {
-        put(*ip, port.port, SCOPE_EXTERNAL, &ext_group, ext_flags);
-        put(*ip, port.port, SCOPE_INTERNAL, &cluster, flags);
+        put(
+            out,
+            *ip,
+            port.port,
+            port,
+            SCOPE_EXTERNAL,
+            &ext_group,
+            ext_flags,
+        );
+        put(out, *ip, port.port, port, SCOPE_INTERNAL, &cluster, flags);
     }
     // Any other port on these addresses is rejected rather than routed on.
     for ip in lb_ips.iter().chain(&ext_ips) {
@@ -255,7 +296,7 @@ fn external_frontends(
         out.src_ranges
             .entry(ext_group.clone())
             .or_default()
-            .extend(ranges.iter().copied());
+            .extend(ranges.iter().copied().filter(|(n, _)| n.is_ipv6() == ipv6));
     }
     if local && let Some(hc) = svc.health_check_node_port {
         out.health_checks.insert(
@@ -266,28 +307,6 @@ fn external_frontends(
             },
         );
     }
-}
-
-fn add_group(
-    out: &mut Desired,
-    svc: &ServiceInfo,
-    port: &ServicePort,
-    local_only: bool,
-    backends: &[BackendSpec],
-    node: &NodeConfig,
-    warn: &mut dyn FnMut(String),
-) -> GroupKey {
-    let key = GroupKey {
-        service: svc.id.clone(),
-        port_name: port.name.clone(),
-        protocol: port.protocol,
-        local_only,
-        table_size: table_size(svc, backends.len(), node, warn),
-    };
-    out.groups.entry(key.clone()).or_insert_with(|| Group {
-        backends: backends.to_vec(),
-    });
-    key
 }
 
 /// The service's table size: its annotation if usable, else the global size; bumped to the
@@ -320,14 +339,15 @@ fn table_size(svc: &ServiceInfo, n: usize, node: &NodeConfig, warn: &mut dyn FnM
     m
 }
 
-/// kube-proxy's endpoint rules for one service port: endpoints from every slice of the service
-/// whose port matches by name and protocol; an address counted once, a ready copy winning over a
-/// terminating one; ready endpoints first, serving-terminating ones only when none is ready
+/// kube-proxy's endpoint rules for one service port and address family: endpoints of that
+/// family from every slice of the service whose port matches by name and protocol; an address
+/// counted once, a ready copy winning over a terminating one; ready endpoints first, serving-terminating ones only when none is ready
 /// (separately for the cluster-wide and the node-local set).
 fn port_endpoints(
     inv: &Inventory,
     svc: &ServiceInfo,
     port: &ServicePort,
+    ipv6: bool,
     node: &str,
 ) -> PortEndpoints {
     let mut by_addr: BTreeMap<IpAddr, (u16, EndpointInfo)> = BTreeMap::new();
@@ -340,11 +360,7 @@ fn port_endpoints(
             continue;
         };
         for ep in &slice.endpoints {
-            if !svc
-                .cluster_ips
-                .iter()
-                .any(|c| c.is_ipv6() == ep.addr.is_ipv6())
-            {
+            if ep.addr.is_ipv6() != ipv6 {
                 continue;
             }
             let better = match by_addr.get(&ep.addr) {
@@ -385,9 +401,9 @@ fn port_endpoints(
         .filter(|(_, ep)| ep.ready && !ep.terminating && ep.node_name.as_deref() == Some(node))
         .count();
     PortEndpoints {
-        local_ready,
         all: usable(false),
         local: usable(true),
+        local_ready,
     }
 }
 
@@ -397,7 +413,7 @@ fn rank(ep: &EndpointInfo) -> u8 {
 }
 
 #[cfg(test)]
-mod tests {
+mod external_tests {
     use super::*;
     use crate::objects::{EndpointInfo, SliceInfo, SlicePort};
 
@@ -486,6 +502,10 @@ mod tests {
             2,
             "both ready endpoints, not the terminating one"
         );
+        assert!(
+            !d.frontends
+                .contains_key(&key("172.30.0.10", 80, 6, SCOPE_EXTERNAL))
+        );
         // The IPv6 node address is not a NodePort address of an IPv4-only service.
         assert!(
             !d.frontends
@@ -495,7 +515,6 @@ mod tests {
             ("1.2.3.4", 80),
             ("192.168.99.10", 80),
             ("192.168.0.2", 30080),
-            ("172.30.0.10", 80),
         ] {
             assert!(
                 d.frontends.contains_key(&key(a, p, 6, SCOPE_EXTERNAL)),

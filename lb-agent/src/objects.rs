@@ -127,6 +127,8 @@ pub enum Invalid {
     NoServiceLabel,
     #[error("address {0} may not be a backend ({1})")]
     ForbiddenBackend(IpAddr, &'static str),
+    #[error("unknown addressType {0:?}")]
+    BadAddressType(String),
 }
 
 /// Outcome for a Service that is valid but not ours to program.
@@ -378,7 +380,8 @@ pub fn endpoint_slice(
     let want_v6 = match slice.address_type.as_str() {
         "IPv4" => false,
         "IPv6" => true,
-        _ => return Ok(None),
+        "FQDN" => return Ok(None),
+        other => return Err(Invalid::BadAddressType(other.to_string())),
     };
     let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
@@ -413,10 +416,10 @@ pub fn endpoint_slice(
             }
         };
         let cond = ep.conditions.as_ref();
-        // Defaults from the EndpointSlice API: ready unset means ready; serving defaults to
-        // ready; terminating defaults to false.
+        // Defaults from the EndpointSlice API (and kube-proxy): ready and serving unset mean
+        // true; terminating unset means false.
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         endpoints.push(EndpointInfo {
             addr,

@@ -5,7 +5,10 @@
 //! goes the other way round. A table is replaced whole by one outer-map update, so a packet sees
 //! either the old or the new table, never a mix. Only what changed is written.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
 
 use lb_common::{BACKEND_F_LOCAL, Backend, MaglevSlot, SvcKey, SvcVal, addr, maglev};
 
@@ -22,14 +25,17 @@ pub trait Datapath {
     fn del_table(&mut self, id: u32) -> Result<(), Self::Error>;
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), Self::Error>;
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), Self::Error>;
-    /// Adds (`present`) or removes a loadBalancerSourceRanges entry of table `group`.
+    /// Adds (`present`) or removes a loadBalancerSourceRanges entry of table `group`. The
+    /// default (test doubles without a source-range map) accepts and ignores it.
     fn set_src_range(
         &mut self,
-        group: u32,
-        net: std::net::IpAddr,
-        prefix: u8,
-        present: bool,
-    ) -> Result<(), Self::Error>;
+        _group: u32,
+        _net: std::net::IpAddr,
+        _prefix: u8,
+        _present: bool,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// What a previous agent left in pinned maps, read back at start.
@@ -55,6 +61,8 @@ struct AppliedGroup {
     id: u32,
     /// `None` until a table (possibly empty) has been written for it.
     backends: Option<Vec<BackendSpec>>,
+    /// Until when the written table carries previous owners (see [`Reconciler::expire_prev`]).
+    prev_until: Option<Instant>,
 }
 
 /// Small id allocator: ids are never 0 and never reused while live.
@@ -92,9 +100,12 @@ pub struct Reconciler {
     orphan_groups: Vec<u32>,
     /// Source-range entries written: (group id, network, prefix).
     ranges: BTreeSet<(u32, std::net::IpAddr, u8)>,
+    /// How long a changed table keeps each moved slot's previous owner (0: never).
+    prev_window: Duration,
 }
 
-fn backend_value(b: &BackendSpec) -> Backend {
+/// The `KPLB_BACKENDS` value for a desired backend.
+pub fn backend_value(b: &BackendSpec) -> Backend {
     Backend {
         addr: addr::from_ip(b.addr),
         port: b.port.to_be(),
@@ -114,7 +125,15 @@ impl Reconciler {
             frontends: BTreeMap::new(),
             orphan_groups: Vec::new(),
             ranges: BTreeSet::new(),
+            prev_window: Duration::ZERO,
         }
+    }
+
+    /// Keep previous slot owners for `window` after each table change, so established flows
+    /// that lose their conntrack entry still reach their backend (the XDP path consults them).
+    pub fn with_prev_window(mut self, window: Duration) -> Self {
+        self.prev_window = window;
+        self
     }
 
     /// Starts from a previous agent's pinned state so traffic keeps flowing: backend ids and
@@ -184,6 +203,7 @@ impl Reconciler {
                 .or_insert_with(|| AppliedGroup {
                     id: self.group_ids.alloc(),
                     backends: None,
+                    prev_until: None,
                 });
             if applied.backends.as_ref() == Some(&group.backends) {
                 continue;
@@ -191,13 +211,32 @@ impl Reconciler {
             let result = if group.backends.is_empty() {
                 // No table: the frontend's backend_count of 0 makes the programs reject. The
                 // old table goes only after the frontends stop pointing at it (step 4); deleting
-                // it first would let a connect find a frontend without its table.
+                // it first would let a connect find a frontend without its table. Until then
+                // `backends` keeps describing the table that is still there.
                 if applied.backends.as_ref().is_some_and(|b| !b.is_empty()) {
-                    emptied.push(applied.id);
+                    emptied.push(key.clone());
+                    continue;
                 }
                 Ok(())
             } else {
+                let previous = applied
+                    .backends
+                    .as_deref()
+                    .filter(|b| !b.is_empty() && !self.prev_window.is_zero());
                 build_table(&group.backends, key.table_size, self.seed, &self.backends)
+                    .map(|mut t| {
+                        let moved = previous.is_some_and(|old| {
+                            mark_previous_owners(
+                                &mut t,
+                                old,
+                                key.table_size,
+                                self.seed,
+                                &self.backends,
+                            )
+                        });
+                        applied.prev_until = moved.then(|| Instant::now() + self.prev_window);
+                        t
+                    })
                     .and_then(|t| dp.set_table(applied.id, &t).map_err(|e| e.to_string()))
                     .inspect(|()| st.writes += 1)
             };
@@ -237,13 +276,15 @@ impl Reconciler {
             let Some(g) = self.groups.get(&fe.group) else {
                 continue;
             };
-            let Some(backends) = g.backends.as_ref() else {
-                continue; // its table failed to build; keep whatever is there
+            let count = match (&g.backends, desired.groups.get(&fe.group)) {
+                (_, Some(d)) if d.backends.is_empty() => 0,
+                (Some(backends), _) => backends.len(),
+                (None, _) => continue, // its table failed to build; keep whatever is there
             };
             let val = SvcVal {
                 group_id: g.id,
                 table_size: fe.group.table_size,
-                backend_count: u32::try_from(backends.len()).unwrap_or(u32::MAX),
+                backend_count: u32::try_from(count).unwrap_or(u32::MAX),
                 flags: fe.flags,
             };
             if self.frontends.get(key) == Some(&val) {
@@ -259,19 +300,6 @@ impl Reconciler {
         }
 
         // 5. Removals, in reverse dependency order.
-        // A frontend whose update failed may still point at a table: keep such tables.
-        let in_use: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .filter(|v| v.backend_count > 0)
-            .map(|v| v.group_id)
-            .collect();
-        for id in emptied.into_iter().filter(|id| !in_use.contains(id)) {
-            st.writes += 1;
-            if let Err(e) = dp.del_table(id) {
-                fail(&mut st, format!("remove emptied table {id}: {e}"));
-            }
-        }
         let stale: Vec<SvcKey> = self
             .frontends
             .keys()
@@ -285,6 +313,32 @@ impl Reconciler {
                     self.frontends.remove(&key);
                 }
                 Err(e) => fail(&mut st, format!("remove frontend: {e}")),
+            }
+        }
+        // A frontend whose update or removal failed may still point at a table: keep such
+        // tables (and their backends) for a later sync. A failed table removal is retried too.
+        let in_use: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .filter(|v| v.backend_count > 0)
+            .map(|v| v.group_id)
+            .collect();
+        for key in emptied {
+            let Some(g) = self.groups.get_mut(&key) else {
+                continue;
+            };
+            if in_use.contains(&g.id) {
+                continue;
+            }
+            match dp.del_table(g.id) {
+                Ok(()) => {
+                    st.writes += 1;
+                    g.backends = Some(Vec::new());
+                }
+                Err(e) => fail(
+                    &mut st,
+                    format!("remove emptied table of {}: {e}", key.service),
+                ),
             }
         }
         let stale: Vec<GroupKey> = self
@@ -301,13 +355,17 @@ impl Reconciler {
             {
                 continue;
             }
-            if let Some(g) = self.groups.remove(&key) {
-                if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
-                    st.writes += 1;
-                    if let Err(e) = dp.del_table(g.id) {
-                        fail(&mut st, format!("remove table of {}: {e}", key.service));
-                    }
+            let Some(g) = self.groups.get(&key) else {
+                continue;
+            };
+            if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
+                if let Err(e) = dp.del_table(g.id) {
+                    fail(&mut st, format!("remove table of {}: {e}", key.service));
+                    continue;
                 }
+                st.writes += 1;
+            }
+            if let Some(g) = self.groups.remove(&key) {
                 self.group_ids.free(g.id);
             }
         }
@@ -323,19 +381,29 @@ impl Reconciler {
             st.writes += 1;
             self.group_ids.free(id);
         }
-        let stale: Vec<Backend> = self
-            .backends
-            .keys()
-            .filter(|b| !wanted.contains(b))
-            .copied()
+        // Backends still named by a table that is in the maps (a kept one, or one whose
+        // rebuild failed) stay until that table changes.
+        let named: BTreeSet<Backend> = self
+            .groups
+            .values()
+            .filter_map(|g| g.backends.as_ref())
+            .flatten()
+            .map(backend_value)
             .collect();
-        for b in stale {
-            if let Some(id) = self.backends.remove(&b) {
-                st.writes += 1;
-                if let Err(e) = dp.del_backend(id) {
-                    fail(&mut st, format!("remove backend: {e}"));
+        let stale: Vec<(Backend, u32)> = self
+            .backends
+            .iter()
+            .filter(|(b, _)| !wanted.contains(b) && !named.contains(b))
+            .map(|(b, id)| (*b, *id))
+            .collect();
+        for (b, id) in stale {
+            match dp.del_backend(id) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.backends.remove(&b);
+                    self.backend_ids.free(id);
                 }
-                self.backend_ids.free(id);
+                Err(e) => fail(&mut st, format!("remove backend: {e}")),
             }
         }
 
@@ -347,6 +415,61 @@ impl Reconciler {
 }
 
 /// The Maglev table for a group, as backend ids.
+impl Reconciler {
+    /// Rewrites, without previous owners, every table whose window ended by `now`. Returns how
+    /// many tables were rewritten.
+    pub fn expire_prev<D: Datapath>(
+        &mut self,
+        now: Instant,
+        dp: &mut D,
+        on_error: &mut dyn FnMut(String),
+    ) -> usize {
+        let mut rewritten = 0;
+        for (key, g) in &mut self.groups {
+            if g.prev_until.is_none_or(|t| t > now) {
+                continue;
+            }
+            let Some(backends) = g.backends.as_deref().filter(|b| !b.is_empty()) else {
+                g.prev_until = None;
+                continue;
+            };
+            match build_table(backends, key.table_size, self.seed, &self.backends)
+                .and_then(|t| dp.set_table(g.id, &t).map_err(|e| e.to_string()))
+            {
+                Ok(()) => {
+                    g.prev_until = None;
+                    rewritten += 1;
+                }
+                Err(e) => on_error(format!("service {} table: {e}", key.service)),
+            }
+        }
+        rewritten
+    }
+}
+
+/// Sets `prev` on every slot of `table` whose owner differs from the table built from `old`
+/// (the one being replaced). Returns whether any slot moved.
+fn mark_previous_owners(
+    table: &mut [MaglevSlot],
+    old: &[BackendSpec],
+    size: u32,
+    seed: u64,
+    ids: &HashMap<Backend, u32>,
+) -> bool {
+    // Old backends are still in `ids`: removals happen after tables are written.
+    let Ok(before) = build_table(old, size, seed, ids) else {
+        return false;
+    };
+    let mut moved = false;
+    for (slot, was) in table.iter_mut().zip(before) {
+        if slot.backend != was.backend {
+            slot.prev = was.backend;
+            moved = true;
+        }
+    }
+    moved
+}
+
 fn build_table(
     backends: &[BackendSpec],
     size: u32,

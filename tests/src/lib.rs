@@ -4,6 +4,7 @@
 //! Everything needs root; tests begin with `if !require_root("...") { return; }`.
 
 pub mod agent;
+pub mod bpfmaps;
 pub mod cleanup;
 pub mod client;
 pub mod cluster;
@@ -14,6 +15,7 @@ pub mod netns;
 pub mod poll;
 pub mod process;
 pub mod require;
+pub mod scenario;
 
 pub use agent::Agent;
 pub use client::{Attempt, Request, tally};

@@ -7,75 +7,25 @@ use std::{collections::BTreeMap, time::Duration};
 
 use lb_tests::{
     Attempt, Cluster, Lab, Request,
-    manifests::{Endpoint, EndpointSlice, Port, Protocol, Service},
-    poll_until, require_root, tally,
+    manifests::Endpoint,
+    poll_until, require_root,
+    scenario::{
+        self, BACKENDS, CLIENTS, DNS, HTTP, METRICS, POD_A, POD_B, POD_C, POD_D, Pod, ready,
+        web_cluster, web_slice,
+    },
+    tally,
 };
-use serde_json::Value;
-
-const HTTP: &str = "172.30.0.10:80";
-const DNS: &str = "172.30.0.10:53";
-const METRICS: &str = "172.30.0.10:9090";
-
-/// (name, node, IPv4)
-type Pod = (&'static str, usize, &'static str);
-const POD_A: Pod = ("pod-a", 1, "10.0.1.10");
-const POD_B: Pod = ("pod-b", 2, "10.0.2.10");
-const POD_C: Pod = ("pod-c", 2, "10.0.2.11");
-const POD_D: Pod = ("pod-d", 1, "10.0.1.11");
-const BACKENDS: [Pod; 3] = [POD_A, POD_B, POD_C];
-const CLIENTS: [Pod; 2] = [("client1", 1, "10.0.1.100"), ("client2", 2, "10.0.2.100")];
 
 /// How long an agent may take to apply a manifest change.
 const APPLY: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
 
-fn web_service() -> Value {
-    Service::new("web")
-        .cluster_ip("172.30.0.10")
-        .port(Port::tcp(80, 8080).named("http"))
-        .port(Port::udp(53, 5353).named("dns"))
-        .port(Port::tcp(9090, 8081).named("metrics"))
-        .to_json()
-}
-
-fn web_slice(endpoints: impl IntoIterator<Item = Endpoint>) -> Value {
-    let slice = EndpointSlice::new("web-1", "web")
-        .port(Some("http"), Protocol::Tcp, 8080)
-        .port(Some("dns"), Protocol::Udp, 5353)
-        .port(Some("metrics"), Protocol::Tcp, 8081);
-    endpoints
-        .into_iter()
-        .fold(slice, EndpointSlice::endpoint)
-        .to_json()
-}
-
-fn ready(pods: &[Pod]) -> Vec<Endpoint> {
-    pods.iter()
-        .map(|(name, node, ip)| Endpoint::ready_on(ip, &format!("node{node}")).pod(name))
-        .collect()
-}
-
-fn add_backend(lab: &mut Lab, (name, node, ip): Pod) {
-    lab.add_pod(node, name, ip, None).unwrap();
-    lab.start_backend(name, &[8080, 8081], &[5353]).unwrap();
-}
-
-/// The fixture: lab, backends, clients, manifests, and synced agents on both nodes.
 fn cluster() -> Cluster {
-    let mut lab = Lab::new(2).unwrap();
-    for pod in BACKENDS {
-        add_backend(&mut lab, pod);
-    }
-    for (name, node, ip) in CLIENTS {
-        lab.add_pod(node, name, ip, None).unwrap();
-    }
-    let mut cluster = Cluster::new(lab).unwrap();
-    cluster.write("web-svc.yaml", &[web_service()]).unwrap();
-    cluster
-        .write("web-slice.yaml", &[web_slice(ready(&BACKENDS))])
-        .unwrap();
-    cluster.start_agents(&[], Duration::from_secs(30)).unwrap();
-    cluster
+    web_cluster().unwrap()
+}
+
+fn add_backend(lab: &mut Lab, pod: Pod) {
+    scenario::add_backend(lab, pod).unwrap();
 }
 
 /// Every attempt succeeded and the set of answering backends is exactly `expected`.

@@ -91,15 +91,27 @@ pub fn lint() -> anyhow::Result<()> {
 
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
     let mut build = cargo();
-    build.args(["build", "--workspace", "--all-targets"]);
+    build.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+    ]);
     run(build)?;
     lint()?;
     let agent = workspace_root().join("target/debug/lb-agent");
     let mut test = cargo();
-    test.args(["test", "--workspace", "--no-fail-fast"])
-        .env("KPLB_AGENT_BIN", &agent)
-        .args(["--"])
-        .args(extra);
+    test.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--no-fail-fast",
+    ])
+    .env("KPLB_AGENT_BIN", &agent)
+    .args(["--"])
+    .args(extra);
     run(test)
 }
 

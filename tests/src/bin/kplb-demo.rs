@@ -5,42 +5,10 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use lb_tests::{
-    Cluster, Lab, Request,
-    manifests::{Endpoint, EndpointSlice, Port, Protocol, Service},
-    poll_until, tally,
+    Cluster, Lab, Request, poll_until,
+    scenario::{self, BACKENDS, CLIENTS, VIP, ready, web_service, web_slice},
+    tally,
 };
-use serde_json::Value;
-
-const VIP: &str = "172.30.0.10";
-/// (pod, node, IPv4)
-const BACKENDS: [(&str, usize, &str); 3] = [
-    ("pod-a", 1, "10.0.1.10"),
-    ("pod-b", 2, "10.0.2.10"),
-    ("pod-c", 2, "10.0.2.11"),
-];
-const CLIENTS: [(&str, usize, &str); 2] =
-    [("client1", 1, "10.0.1.100"), ("client2", 2, "10.0.2.100")];
-
-fn service() -> Value {
-    Service::new("web")
-        .cluster_ip(VIP)
-        .port(Port::tcp(80, 8080).named("http"))
-        .port(Port::udp(53, 5353).named("dns"))
-        .to_json()
-}
-
-fn slice(pods: &[(&str, usize, &str)]) -> Value {
-    pods.iter()
-        .fold(
-            EndpointSlice::new("web-1", "web")
-                .port(Some("http"), Protocol::Tcp, 8080)
-                .port(Some("dns"), Protocol::Udp, 5353),
-            |s, (name, node, ip)| {
-                s.endpoint(Endpoint::ready_on(ip, &format!("node{node}")).pod(name))
-            },
-        )
-        .to_json()
-}
 
 fn spread(counts: &BTreeMap<String, usize>) -> String {
     counts
@@ -61,18 +29,17 @@ fn main() -> Result<()> {
         lab.prefix()
     );
     for (name, node, ip) in BACKENDS {
-        lab.add_pod(node, name, ip, None)?;
-        lab.start_backend(name, &[8080], &[5353])?;
-        println!("  backend {name} on node{node}: {ip} (netexec: TCP 8080, UDP 5353)");
+        scenario::add_backend(&mut lab, (name, node, ip))?;
+        println!("  backend {name} on node{node}: {ip} (netexec: TCP 8080 and 8081, UDP 5353)");
     }
     for (name, node, ip) in CLIENTS {
         lab.add_pod(node, name, ip, None)?;
         println!("  client  {name} on node{node}: {ip}");
     }
     let mut c = Cluster::new(lab)?;
-    c.write("web.yaml", &[service(), slice(&BACKENDS)])?;
+    c.write("web.yaml", &[web_service(), web_slice(ready(&BACKENDS))])?;
     println!(
-        "\nService default/web: {VIP}:80/TCP -> 8080, {VIP}:53/UDP -> 5353; EndpointSlice with 3 pods"
+        "\nService default/web: {VIP}:80/TCP -> 8080, {VIP}:53/UDP -> 5353, {VIP}:9090/TCP -> 8081; EndpointSlice with 3 pods"
     );
     c.start_agents(&[], Duration::from_secs(30))?;
     println!(
@@ -101,7 +68,10 @@ fn main() -> Result<()> {
     }
 
     println!("\n-- scale down: pod-c leaves the EndpointSlice --");
-    c.write("web.yaml", &[service(), slice(&BACKENDS[..2])])?;
+    c.write(
+        "web.yaml",
+        &[web_service(), web_slice(ready(&BACKENDS[..2]))],
+    )?;
     poll_until(
         Duration::from_secs(5),
         Duration::from_millis(100),
@@ -121,7 +91,7 @@ fn main() -> Result<()> {
     println!("   client1, 60 connections: {}", spread(&tcp));
 
     println!("\n-- no endpoints: connect() is refused at once (kube-proxy's REJECT) --");
-    c.write("web.yaml", &[service(), slice(&[])])?;
+    c.write("web.yaml", &[web_service(), web_slice([])])?;
     let refused = poll_until(
         Duration::from_secs(5),
         Duration::from_millis(100),

@@ -1,0 +1,257 @@
+//! `standalone::ManifestDir`: a directory of YAML files, re-read on change.
+
+mod common;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use common::*;
+use lb_agent::standalone::ManifestDir;
+
+/// A fresh temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("kplb-test-{}-{test}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        fs::write(self.0.join(name), text).expect("write manifest");
+    }
+
+    fn remove(&self, name: &str) {
+        fs::remove_file(self.0.join(name)).expect("remove manifest");
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+    )
+}
+
+fn slice(service: &str, addrs: &[&str]) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]\n",
+        addrs
+            .iter()
+            .map(|a| format!("{{addresses: [{a}]}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn names(m: &ManifestDir) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .services()
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Polls and returns (changed, problems).
+fn poll(m: &mut ManifestDir) -> (bool, Vec<String>) {
+    let mut problems = Vec::new();
+    let changed = m.poll(&mut problems).expect("poll");
+    (changed, problems)
+}
+
+/// The backends of `ip:80` through the whole pure pipeline.
+fn backends(m: &ManifestDir, ip: &str) -> Vec<(std::net::IpAddr, u16)> {
+    let services: Vec<_> = m.services().cloned().collect();
+    let slices: Vec<_> = m.slices().cloned().collect();
+    run_objects(&services, &slices, &node(NODE)).backends(&tcp(ip, 80))
+}
+
+#[test]
+fn files_added_changed_and_removed_are_followed() {
+    let dir = TempDir::new("follow");
+    let mut m = ManifestDir::new(dir.path());
+    assert_eq!(poll(&mut m), (false, vec![]), "empty directory");
+
+    dir.write(
+        "web.yaml",
+        &join(&[&service("web", "172.30.0.1"), &slice("web", &["10.0.1.1"])]),
+    );
+    assert_eq!(poll(&mut m), (true, vec![]));
+    assert_eq!(names(&m), ["web"]);
+    assert_eq!(backends(&m, "172.30.0.1"), eps(&[("10.0.1.1", 8080)]));
+    assert_eq!(poll(&mut m), (false, vec![]), "nothing changed");
+
+    // A second file, ".yml" spelling.
+    dir.write("api.yml", &service("api", "172.30.0.2"));
+    assert_eq!(poll(&mut m), (true, vec![]));
+    assert_eq!(names(&m), ["api", "web"]);
+
+    // A changed file (another endpoint: the length differs, so no mtime granularity issue).
+    dir.write(
+        "web.yaml",
+        &join(&[
+            &service("web", "172.30.0.1"),
+            &slice("web", &["10.0.1.1", "10.0.2.1"]),
+        ]),
+    );
+    assert_eq!(poll(&mut m), (true, vec![]));
+    assert_eq!(
+        backends(&m, "172.30.0.1"),
+        eps(&[("10.0.1.1", 8080), ("10.0.2.1", 8080)])
+    );
+
+    // A removed file.
+    dir.remove("api.yml");
+    assert_eq!(poll(&mut m), (true, vec![]));
+    assert_eq!(names(&m), ["web"]);
+    assert_eq!(poll(&mut m), (false, vec![]));
+
+    // Everything removed.
+    dir.remove("web.yaml");
+    assert_eq!(poll(&mut m), (true, vec![]));
+    assert!(names(&m).is_empty());
+    assert_eq!(m.slices().count(), 0);
+}
+
+#[test]
+fn hidden_and_non_yaml_files_are_ignored() {
+    let dir = TempDir::new("ignored");
+    let mut m = ManifestDir::new(dir.path());
+    dir.write("web.yaml", &service("web", "172.30.0.1"));
+    assert!(poll(&mut m).0);
+
+    // An editor's swap file, a hidden manifest, notes and a backup: none of them are read.
+    dir.write(".web.yaml.swp", &service("swap", "172.30.0.3"));
+    dir.write(".hidden.yaml", &service("hidden", "172.30.0.4"));
+    dir.write("notes.txt", &service("notes", "172.30.0.5"));
+    dir.write("web.yaml~", &service("backup", "172.30.0.6"));
+    dir.write("README", "not yaml at all: [");
+    fs::create_dir(dir.path().join("sub.yaml")).expect("mkdir");
+    assert_eq!(poll(&mut m), (false, vec![]));
+    assert_eq!(names(&m), ["web"]);
+}
+
+#[test]
+fn a_file_that_stops_parsing_keeps_its_last_good_content() {
+    let dir = TempDir::new("broken");
+    let mut m = ManifestDir::new(dir.path());
+    let good = join(&[&service("web", "172.30.0.1"), &slice("web", &["10.0.1.1"])]);
+    dir.write("web.yaml", &good);
+    dir.write("api.yaml", &service("api", "172.30.0.2"));
+    assert!(poll(&mut m).0);
+
+    // A half-written save, cut inside a flow mapping.
+    dir.write(
+        "web.yaml",
+        &good[..good.find("labels").expect("slice has labels")],
+    );
+    let (_, problems) = poll(&mut m);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(problems[0].contains("web.yaml"), "{problems:?}");
+    assert!(
+        problems[0].contains("keeping its last good content"),
+        "{problems:?}"
+    );
+    assert_eq!(names(&m), ["api", "web"]);
+    assert_eq!(backends(&m, "172.30.0.1"), eps(&[("10.0.1.1", 8080)]));
+    // Not reported again while it stays the same.
+    assert_eq!(poll(&mut m), (false, vec![]));
+
+    // Fixed (with a change): the new content is used.
+    let fixed = join(&[
+        &service("web", "172.30.0.1"),
+        &slice("web", &["10.0.1.7", "10.0.1.8"]),
+    ]);
+    dir.write("web.yaml", &fixed);
+    assert_eq!(poll(&mut m), (true, vec![]));
+    assert_eq!(
+        backends(&m, "172.30.0.1"),
+        eps(&[("10.0.1.7", 8080), ("10.0.1.8", 8080)])
+    );
+}
+
+#[test]
+fn a_new_broken_file_is_reported_and_adds_nothing() {
+    let dir = TempDir::new("new-broken");
+    let mut m = ManifestDir::new(dir.path());
+    dir.write("web.yaml", &service("web", "172.30.0.1"));
+    dir.write(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+    );
+    let (_, problems) = poll(&mut m);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].contains("bad.yaml") && problems[0].contains("skipped"),
+        "{problems:?}"
+    );
+    assert_eq!(names(&m), ["web"]);
+    assert_eq!(poll(&mut m), (false, vec![]));
+}
+
+#[test]
+fn a_schema_error_skips_one_object_of_a_file() {
+    let dir = TempDir::new("schema");
+    let mut m = ManifestDir::new(dir.path());
+    let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: [{port: eighty}]}\n";
+    dir.write(
+        "all.yaml",
+        &join(&[
+            &service("web", "172.30.0.1"),
+            bad,
+            &service("api", "172.30.0.2"),
+        ]),
+    );
+    let (changed, problems) = poll(&mut m);
+    assert!(changed);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].contains("all.yaml") && problems[0].contains("Service broken"),
+        "{problems:?}"
+    );
+    assert_eq!(names(&m), ["api", "web"]);
+}
+
+#[test]
+fn fixtures_load_from_a_directory() {
+    let dir = TempDir::new("fixtures");
+    for f in ["clusterip.yaml", "types.yaml", "dualstack.yaml"] {
+        dir.write(f, &fixture(f));
+    }
+    let mut m = ManifestDir::new(dir.path());
+    assert_eq!(poll(&mut m), (true, vec![]));
+    let services: Vec<_> = m.services().cloned().collect();
+    let slices: Vec<_> = m.slices().cloned().collect();
+    let from_dir = run_objects(&services, &slices, &node(NODE));
+    let text = join(&[
+        &fixture("clusterip.yaml"),
+        &fixture("types.yaml"),
+        &fixture("dualstack.yaml"),
+    ]);
+    assert_eq!(from_dir.desired, run_yaml(&text, &node(NODE)).desired);
+}
+
+#[test]
+fn a_missing_directory_is_an_error() {
+    let dir = TempDir::new("missing");
+    let gone = dir.path().join("nope");
+    let mut m = ManifestDir::new(&gone);
+    assert!(m.poll(&mut Vec::new()).is_err());
+}

@@ -1,0 +1,1104 @@
+//! `sync::Reconciler` against an in-memory datapath that records every operation and checks,
+//! after each one, what a packet could see: every frontend with backends points at an existing
+//! table of its size whose entries all name existing backends.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_agent::{
+    model::{BackendSpec, Desired},
+    objects::{ANNOTATION_MAGLEV_SIZE, Protocol},
+    sync::{Datapath, Existing, Reconciler, SyncStats, backend_value},
+};
+use lb_common::{BACKEND_F_LOCAL, Backend, MaglevSlot, SvcKey, SvcVal, addr, maglev};
+
+const SEED: u64 = 0x6b70_6c62;
+
+// ---- The fake datapath ------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Op {
+    SetBackend(u32, IpAddr),
+    DelBackend(u32),
+    /// Table id and the distinct backend ids it names.
+    SetTable(u32, BTreeSet<u32>),
+    DelTable(u32),
+    SetFrontend(SvcKey, SvcVal),
+    DelFrontend(SvcKey),
+}
+
+impl Op {
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::SetBackend(..) => "set_backend",
+            Op::DelBackend(_) => "del_backend",
+            Op::SetTable(..) => "set_table",
+            Op::DelTable(_) => "del_table",
+            Op::SetFrontend(..) => "set_frontend",
+            Op::DelFrontend(_) => "del_frontend",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MapFull;
+
+impl fmt::Display for MapFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("map full (injected)")
+    }
+}
+
+impl std::error::Error for MapFull {}
+
+/// The three maps, as the programs see them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Maps {
+    backends: BTreeMap<u32, Backend>,
+    tables: BTreeMap<u32, Vec<MaglevSlot>>,
+    frontends: BTreeMap<SvcKey, SvcVal>,
+}
+
+type FailIf = Box<dyn Fn(&Op, &Maps) -> bool>;
+
+#[derive(Default)]
+struct Fake {
+    maps: Maps,
+    /// Successful operations, in order.
+    ops: Vec<Op>,
+    /// Operations refused by `fail_if`.
+    failed: Vec<Op>,
+    fail_if: Option<FailIf>,
+    /// Broken invariants, with the operation after which they were seen.
+    violations: Vec<String>,
+}
+
+/// A failure rule for [`Fake::fail_if`].
+fn fail_when(f: impl Fn(&Op, &Maps) -> bool + 'static) -> Option<FailIf> {
+    Some(Box::new(f))
+}
+
+impl Fake {
+    fn failing(fail_if: impl Fn(&Op, &Maps) -> bool + 'static) -> Self {
+        Self {
+            fail_if: Some(Box::new(fail_if)),
+            ..Self::default()
+        }
+    }
+
+    fn op(&mut self, op: Op, apply: impl FnOnce(&mut Maps)) -> Result<(), MapFull> {
+        if self.fail_if.as_ref().is_some_and(|f| f(&op, &self.maps)) {
+            self.failed.push(op);
+            return Err(MapFull);
+        }
+        apply(&mut self.maps);
+        self.ops.push(op);
+        self.check();
+        Ok(())
+    }
+
+    /// What a packet could run into right now.
+    fn check(&mut self) {
+        let last = self.ops.last().cloned();
+        let m = &self.maps;
+        for (k, v) in &m.frontends {
+            if v.backend_count == 0 {
+                continue;
+            }
+            let Some(table) = m.tables.get(&v.group_id) else {
+                self.violations.push(format!(
+                    "after {last:?}: {} -> missing table {}",
+                    show_key(k),
+                    v.group_id
+                ));
+                continue;
+            };
+            if table.len() != v.table_size as usize {
+                self.violations.push(format!(
+                    "after {last:?}: {} says size {}, table {} has {}",
+                    show_key(k),
+                    v.table_size,
+                    v.group_id,
+                    table.len()
+                ));
+            }
+            let missing: BTreeSet<u32> = table
+                .iter()
+                .map(|s| s.backend)
+                .filter(|b| !m.backends.contains_key(b))
+                .collect();
+            if !missing.is_empty() {
+                self.violations.push(format!(
+                    "after {last:?}: {} -> table {} names missing backends {missing:?}",
+                    show_key(k),
+                    v.group_id
+                ));
+            }
+        }
+    }
+
+    /// Operations since `mark` (an index into `ops`).
+    fn since(&self, mark: usize) -> &[Op] {
+        &self.ops[mark..]
+    }
+
+    fn assert_no_violations(&self) {
+        assert!(
+            self.violations.is_empty(),
+            "{:#?}\nops: {:#?}",
+            self.violations,
+            self.ops
+        );
+    }
+
+    /// The distinct backends a frontend leads to, as `(address, port)`.
+    fn resolve(&self, key: &SvcKey) -> Vec<(IpAddr, u16)> {
+        let v = self.maps.frontends[key];
+        if v.backend_count == 0 {
+            return Vec::new();
+        }
+        let ids: BTreeSet<u32> = self.maps.tables[&v.group_id]
+            .iter()
+            .map(|s| s.backend)
+            .collect();
+        let mut out: Vec<_> = ids
+            .iter()
+            .map(|id| endpoint(&self.maps.backends[id]))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The table of a frontend as backend `(address, port)` per slot.
+    fn table_of(&self, key: &SvcKey) -> Vec<(IpAddr, u16)> {
+        let v = self.maps.frontends[key];
+        self.maps.tables[&v.group_id]
+            .iter()
+            .map(|s| endpoint(&self.maps.backends[&s.backend]))
+            .collect()
+    }
+}
+
+fn endpoint(b: &Backend) -> (IpAddr, u16) {
+    (addr::to_ip(&b.addr), u16::from_be(b.port))
+}
+
+impl Datapath for Fake {
+    type Error = MapFull;
+
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapFull> {
+        let b = *backend;
+        self.op(Op::SetBackend(id, addr::to_ip(&b.addr)), |m| {
+            m.backends.insert(id, b);
+        })
+    }
+
+    fn del_backend(&mut self, id: u32) -> Result<(), MapFull> {
+        // Like the BPF datapath, deleting a missing entry is not an error.
+        self.op(Op::DelBackend(id), |m| {
+            m.backends.remove(&id);
+        })
+    }
+
+    fn set_table(&mut self, id: u32, table: &[MaglevSlot]) -> Result<(), MapFull> {
+        let named: BTreeSet<u32> = table.iter().map(|s| s.backend).collect();
+        let missing: Vec<u32> = named
+            .iter()
+            .copied()
+            .filter(|b| !self.maps.backends.contains_key(b))
+            .collect();
+        if !missing.is_empty() {
+            self.violations.push(format!(
+                "table {id} written before its backends {missing:?}"
+            ));
+        }
+        let t = table.to_vec();
+        self.op(Op::SetTable(id, named), |m| {
+            m.tables.insert(id, t);
+        })
+    }
+
+    fn del_table(&mut self, id: u32) -> Result<(), MapFull> {
+        self.op(Op::DelTable(id), |m| {
+            m.tables.remove(&id);
+        })
+    }
+
+    fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), MapFull> {
+        let (k, v) = (*key, *val);
+        self.op(Op::SetFrontend(k, v), |m| {
+            m.frontends.insert(k, v);
+        })
+    }
+
+    fn del_frontend(&mut self, key: &SvcKey) -> Result<(), MapFull> {
+        let k = *key;
+        self.op(Op::DelFrontend(k), |m| {
+            m.frontends.remove(&k);
+        })
+    }
+}
+
+/// Applies and returns the stats and the errors reported.
+fn apply(r: &mut Reconciler, d: &Desired, fake: &mut Fake) -> (SyncStats, Vec<String>) {
+    let mut errors = Vec::new();
+    let st = r.apply(d, fake, &mut |e| errors.push(e));
+    assert_eq!(st.errors, errors.len());
+    (st, errors)
+}
+
+fn apply_ok(r: &mut Reconciler, d: &Desired, fake: &mut Fake) -> SyncStats {
+    let (st, errors) = apply(r, d, fake);
+    assert!(errors.is_empty(), "{errors:#?}");
+    fake.assert_no_violations();
+    st
+}
+
+/// What a restarted agent reads back from the pinned maps.
+fn existing(maps: &Maps) -> Existing {
+    Existing {
+        backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        frontends: maps.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
+        groups: maps.tables.keys().copied().collect(),
+    }
+}
+
+/// The maps hold exactly `desired`, nothing more: every frontend resolves to its group's
+/// backends through the Maglev table of the sorted backends, and no table or backend is left
+/// over.
+fn assert_converged(fake: &Fake, d: &Desired) {
+    let m = &fake.maps;
+    let keys: BTreeSet<&SvcKey> = m.frontends.keys().collect();
+    assert_eq!(keys, d.frontends.keys().collect(), "frontend keys");
+    let mut tables = BTreeSet::new();
+    for (k, fe) in &d.frontends {
+        let v = m.frontends[k];
+        let group = &d.groups[&fe.group];
+        assert_eq!(v.table_size, fe.group.table_size, "{}", show_key(k));
+        assert_eq!(v.flags, fe.flags, "{}", show_key(k));
+        assert_eq!(
+            v.backend_count as usize,
+            group.backends.len(),
+            "{}",
+            show_key(k)
+        );
+        if group.backends.is_empty() {
+            continue;
+        }
+        tables.insert(v.group_id);
+        let table = &m.tables[&v.group_id];
+        let idents: Vec<maglev::Identity> =
+            group.backends.iter().map(BackendSpec::identity).collect();
+        let expected = maglev::build(&idents, fe.group.table_size, SEED).expect("buildable");
+        assert_eq!(table.len(), expected.len());
+        for (slot, want) in table.iter().zip(&expected) {
+            let have = m.backends[&slot.backend];
+            assert_eq!(
+                have,
+                backend_value(&group.backends[*want as usize]),
+                "{}",
+                show_key(k)
+            );
+        }
+    }
+    assert_eq!(
+        m.tables.keys().copied().collect::<BTreeSet<_>>(),
+        tables,
+        "no leftover tables"
+    );
+    let wanted: BTreeSet<Backend> = d
+        .groups
+        .values()
+        .flat_map(|g| g.backends.iter().map(backend_value))
+        .collect();
+    let have: Vec<Backend> = m.backends.values().copied().collect();
+    assert_eq!(
+        have.len(),
+        wanted.len(),
+        "no leftover or duplicate backends"
+    );
+    assert_eq!(have.into_iter().collect::<BTreeSet<_>>(), wanted);
+}
+
+// ---- A small world of services ---------------------------------------------------------------
+
+/// Services a, b and c, each with one slice; b also has a UDP port.
+#[derive(Clone)]
+struct World {
+    services: BTreeMap<&'static str, Service>,
+    slices: BTreeMap<&'static str, EndpointSlice>,
+}
+
+/// A slice with ready endpoints; 10.0.<n>.x runs on node<n>.
+fn ready_slice(name: &str, service: &str, addrs: &[&str]) -> EndpointSlice {
+    let mut s = Slice::v4(name, service)
+        .port("http", "TCP", 8080)
+        .port("dns", "UDP", 5353);
+    for a in addrs {
+        let node = format!("node{}", a.split('.').nth(2).expect("10.0.n.x"));
+        s = s.ep(Ep::new(a).on(&node));
+    }
+    s.build()
+}
+
+impl World {
+    fn new() -> Self {
+        let mut w = Self {
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+        };
+        w.services.insert(
+            "a",
+            Svc::new("a", "172.30.0.1").port("http", "TCP", 80).build(),
+        );
+        w.services.insert(
+            "b",
+            Svc::new("b", "172.30.0.2")
+                .port("http", "TCP", 80)
+                .port("dns", "UDP", 53)
+                .affinity()
+                .build(),
+        );
+        w.services.insert(
+            "c",
+            Svc::new("c", "172.30.0.3").port("http", "TCP", 80).build(),
+        );
+        w.slices
+            .insert("a", ready_slice("a-1", "a", &["10.0.1.1", "10.0.1.2"]));
+        w.slices.insert(
+            "b",
+            ready_slice("b-1", "b", &["10.0.1.3", "10.0.2.3", "10.0.2.4"]),
+        );
+        w.slices
+            .insert("c", ready_slice("c-1", "c", &["10.0.1.5", "10.0.2.5"]));
+        w
+    }
+
+    fn desired(&self) -> Desired {
+        let services: Vec<Service> = self.services.values().cloned().collect();
+        let slices: Vec<EndpointSlice> = self.slices.values().cloned().collect();
+        let run = run_objects(&services, &slices, &node(NODE));
+        assert!(run.warnings.is_empty(), "{:#?}", run.warnings);
+        run.desired
+    }
+
+    fn set_endpoints(&mut self, service: &'static str, addrs: &[&str]) {
+        self.slices.insert(
+            service,
+            ready_slice(&format!("{service}-1"), service, addrs),
+        );
+    }
+}
+
+fn a80() -> SvcKey {
+    tcp("172.30.0.1", 80)
+}
+fn b80() -> SvcKey {
+    tcp("172.30.0.2", 80)
+}
+fn b53() -> SvcKey {
+    udp("172.30.0.2", 53)
+}
+fn c80() -> SvcKey {
+    tcp("172.30.0.3", 80)
+}
+
+/// The frontends of service `name` in the desired state.
+fn frontends_of(d: &Desired, name: &str) -> BTreeSet<SvcKey> {
+    d.frontends
+        .iter()
+        .filter(|(_, fe)| fe.group.service.name == name)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// Table ids behind service `name`'s frontends in the maps.
+fn tables_of(fake: &Fake, d: &Desired, name: &str) -> BTreeSet<u32> {
+    frontends_of(d, name)
+        .iter()
+        .map(|k| fake.maps.frontends[k].group_id)
+        .collect()
+}
+
+fn position(ops: &[Op], pred: impl Fn(&Op) -> bool) -> Vec<usize> {
+    ops.iter()
+        .enumerate()
+        .filter(|(_, o)| pred(o))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+// ---- Tests -------------------------------------------------------------------------------------
+
+#[test]
+fn first_apply_writes_backends_then_tables_then_frontends() {
+    let d = World::new().desired();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    let st = apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+
+    let kinds: Vec<&str> = fake.ops.iter().map(Op::kind).collect();
+    let backends = position(&fake.ops, |o| matches!(o, Op::SetBackend(..)));
+    let tables = position(&fake.ops, |o| matches!(o, Op::SetTable(..)));
+    let frontends = position(&fake.ops, |o| matches!(o, Op::SetFrontend(..)));
+    assert_eq!(backends.len(), 10, "{kinds:?}");
+    assert_eq!(tables.len(), 4, "a, b/TCP, b/UDP, c: {kinds:?}");
+    assert_eq!(frontends.len(), 4, "{kinds:?}");
+    assert_eq!(
+        backends.len() + tables.len() + frontends.len(),
+        fake.ops.len(),
+        "{kinds:?}"
+    );
+    assert!(backends.iter().max() < tables.iter().min(), "{kinds:?}");
+    assert!(tables.iter().max() < frontends.iter().min(), "{kinds:?}");
+    assert_eq!(st.writes, fake.ops.len());
+    assert_eq!(
+        (st.frontends, st.groups, st.backends, st.errors),
+        (4, 4, 10, 0)
+    );
+
+    assert_eq!(
+        fake.resolve(&a80()),
+        eps(&[("10.0.1.1", 8080), ("10.0.1.2", 8080)])
+    );
+    assert_eq!(
+        fake.resolve(&b53()),
+        eps(&[("10.0.1.3", 5353), ("10.0.2.3", 5353), ("10.0.2.4", 5353)])
+    );
+    assert_eq!(fake.maps.frontends[&b80()].flags, lb_common::SVC_F_AFFINITY);
+    assert_ne!(
+        fake.maps.frontends[&b80()].group_id,
+        fake.maps.frontends[&b53()].group_id
+    );
+    // Backends on this node carry the local flag.
+    for b in fake.maps.backends.values() {
+        let local = addr::to_ip(&b.addr).to_string().starts_with("10.0.1.");
+        assert_eq!(b.flags & BACKEND_F_LOCAL != 0, local, "{b:?}");
+    }
+}
+
+#[test]
+fn second_apply_of_the_same_state_writes_nothing() {
+    let w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    let mark = fake.ops.len();
+    for _ in 0..2 {
+        // A freshly computed, equal desired state.
+        let st = apply_ok(&mut r, &w.desired(), &mut fake);
+        assert_eq!(st.writes, 0);
+        assert_eq!(fake.since(mark), &[] as &[Op]);
+    }
+}
+
+#[test]
+fn adding_one_endpoint_touches_only_that_service() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    let d1 = w.desired();
+    apply_ok(&mut r, &d1, &mut fake);
+    let before = fake.maps.clone();
+    let mark = fake.ops.len();
+
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
+    let d2 = w.desired();
+    let st = apply_ok(&mut r, &d2, &mut fake);
+    assert_converged(&fake, &d2);
+
+    let a_table = fake.maps.frontends[&a80()].group_id;
+    let ops = fake.since(mark).to_vec();
+    assert!(
+        matches!(&ops[..], [Op::SetBackend(_, ip), Op::SetTable(t, _), Op::SetFrontend(k, v)]
+            if *ip == common::ip("10.0.2.9") && *t == a_table && *k == a80() && v.backend_count == 3),
+        "{ops:#?}"
+    );
+    assert_eq!(st.writes, 3);
+    // Same table id (same size): replaced in place, atomically.
+    assert_eq!(before.frontends[&a80()].group_id, a_table);
+    // Nothing of b or c changed.
+    for k in [b80(), b53(), c80()] {
+        assert_eq!(fake.maps.frontends[&k], before.frontends[&k]);
+        let id = before.frontends[&k].group_id;
+        assert_eq!(fake.maps.tables[&id], before.tables[&id]);
+    }
+}
+
+#[test]
+fn removing_a_service_deletes_frontends_then_tables_then_unreferenced_backends() {
+    let mut w = World::new();
+    // d shares 10.0.1.3 (port 8080/TCP) with b: that backend must survive b's removal.
+    w.services.insert(
+        "d",
+        Svc::new("d", "172.30.0.4").port("http", "TCP", 80).build(),
+    );
+    w.slices.insert("d", ready_slice("d-1", "d", &["10.0.1.3"]));
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    let d1 = w.desired();
+    apply_ok(&mut r, &d1, &mut fake);
+    let b_tables = tables_of(&fake, &d1, "b");
+    assert_eq!(b_tables.len(), 2);
+    let before = fake.maps.clone();
+    let mark = fake.ops.len();
+
+    w.services.remove("b");
+    let d2 = w.desired();
+    apply_ok(&mut r, &d2, &mut fake);
+    assert_converged(&fake, &d2);
+
+    let ops = fake.since(mark).to_vec();
+    let kinds: Vec<&str> = ops.iter().map(Op::kind).collect();
+    // b80 and b53 frontends, b's two tables, and b's backends except the one d shares:
+    // 10.0.2.3:8080, 10.0.2.4:8080 and the three :5353 ones.
+    assert_eq!(kinds[..2], ["del_frontend"; 2], "{ops:#?}");
+    assert_eq!(kinds[2..4], ["del_table"; 2], "{ops:#?}");
+    assert_eq!(kinds[4..], ["del_backend"; 5], "{ops:#?}");
+    let deleted_tables: BTreeSet<u32> = ops
+        .iter()
+        .filter_map(|o| {
+            if let Op::DelTable(t) = o {
+                Some(*t)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(deleted_tables, b_tables);
+    assert_eq!(
+        fake.resolve(&tcp("172.30.0.4", 80)),
+        eps(&[("10.0.1.3", 8080)])
+    );
+    for k in [a80(), c80(), tcp("172.30.0.4", 80)] {
+        assert_eq!(fake.maps.frontends[&k], before.frontends[&k]);
+    }
+}
+
+#[test]
+fn a_service_without_endpoints_keeps_its_frontend_and_loses_its_table() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    let old_table = fake.maps.frontends[&c80()].group_id;
+    let mark = fake.ops.len();
+
+    // Every endpoint of c is gone (scaled to zero).
+    w.slices.insert(
+        "c",
+        Slice::v4("c-1", "c")
+            .port("http", "TCP", 8080)
+            .ep(Ep::new("10.0.1.5").terminating())
+            .build(),
+    );
+    let d2 = w.desired();
+    apply_ok(&mut r, &d2, &mut fake); // checked after every op: never a frontend without table
+    assert_converged(&fake, &d2);
+    let v = fake.maps.frontends[&c80()];
+    assert_eq!(v.backend_count, 0);
+    assert!(!fake.maps.tables.contains_key(&old_table));
+    let kinds: Vec<&str> = fake.since(mark).iter().map(Op::kind).collect();
+    assert_eq!(
+        kinds,
+        ["set_frontend", "del_table", "del_backend", "del_backend"]
+    );
+    assert_eq!(apply_ok(&mut r, &d2, &mut fake).writes, 0);
+
+    // And back.
+    w.set_endpoints("c", &["10.0.2.6"]);
+    let d3 = w.desired();
+    apply_ok(&mut r, &d3, &mut fake);
+    assert_converged(&fake, &d3);
+    assert_eq!(fake.resolve(&c80()), eps(&[("10.0.2.6", 8080)]));
+    assert_eq!(apply_ok(&mut r, &d3, &mut fake).writes, 0);
+}
+
+#[test]
+fn a_new_service_without_endpoints_gets_a_rejecting_frontend_and_no_table() {
+    let mut w = World::new();
+    w.services.insert(
+        "e",
+        Svc::new("e", "172.30.0.5").port("http", "TCP", 80).build(),
+    );
+    let d = w.desired();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+    assert_eq!(fake.maps.frontends[&tcp("172.30.0.5", 80)].backend_count, 0);
+    assert_eq!(apply_ok(&mut r, &d, &mut fake).writes, 0);
+}
+
+#[test]
+fn changing_table_size_repoints_the_frontend_before_dropping_the_old_table() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    let old = fake.maps.frontends[&a80()];
+
+    let a = Svc::new("a", "172.30.0.1").port("http", "TCP", 80);
+    w.services
+        .insert("a", a.annotate(ANNOTATION_MAGLEV_SIZE, "1021").build());
+    let d = w.desired();
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+    let new = fake.maps.frontends[&a80()];
+    assert_eq!(new.table_size, 1021);
+    assert_ne!(
+        new.group_id, old.group_id,
+        "a table never changes size under one id"
+    );
+    assert!(!fake.maps.tables.contains_key(&old.group_id));
+}
+
+#[test]
+fn maglev_table_is_independent_of_endpoint_order() {
+    // The same endpoints, listed in another order and split over slices differently.
+    let addrs = ["10.0.1.1", "10.0.2.1", "10.0.1.7", "10.0.2.9", "10.0.1.3"];
+    let mut reversed = addrs;
+    reversed.reverse();
+    let mut w1 = World::new();
+    w1.set_endpoints("a", &addrs);
+    let mut w2 = World::new();
+    w2.slices
+        .insert("a", ready_slice("a-1", "a", &reversed[..2]));
+    w2.slices
+        .insert("a2", ready_slice("a-2", "a", &reversed[2..]));
+    let (d1, d2) = (w1.desired(), w2.desired());
+    assert_eq!(d1, d2);
+
+    let (mut f1, mut f2) = (Fake::default(), Fake::default());
+    apply_ok(&mut Reconciler::new(SEED), &d1, &mut f1);
+    apply_ok(&mut Reconciler::new(SEED), &d2, &mut f2);
+    assert_converged(&f1, &d1); // equals maglev::build over the sorted backends
+    assert_converged(&f2, &d2);
+    for k in d1.frontends.keys() {
+        assert_eq!(f1.table_of(k), f2.table_of(k), "{}", show_key(k));
+    }
+    // Every backend of a owns a fair share of its table.
+    let table = f1.table_of(&a80());
+    for ep in eps(&addrs.map(|a| (a, 8080))) {
+        let owned = table.iter().filter(|e| **e == ep).count();
+        assert!(
+            owned == table.len() / 5 || owned == table.len() / 5 + 1,
+            "{ep:?}: {owned}"
+        );
+    }
+
+    // Another seed gives another table (the seed is really used).
+    let mut f3 = Fake::default();
+    apply_ok(&mut Reconciler::new(SEED + 1), &d1, &mut f3);
+    assert_ne!(f1.table_of(&a80()), f3.table_of(&a80()));
+}
+
+#[test]
+fn adopting_a_previous_agents_maps_converges_safely() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    apply_ok(&mut Reconciler::new(SEED), &w.desired(), &mut fake);
+
+    // While the agent was down: b was deleted, c gained an endpoint, d appeared.
+    w.services.remove("b");
+    w.set_endpoints("c", &["10.0.1.5", "10.0.2.5", "10.0.2.7"]);
+    w.services.insert(
+        "d",
+        Svc::new("d", "172.30.0.4").port("http", "TCP", 80).build(),
+    );
+    w.slices.insert("d", ready_slice("d-1", "d", &["10.0.1.8"]));
+    let d = w.desired();
+
+    let mut r = Reconciler::adopt(SEED, existing(&fake.maps));
+    apply_ok(&mut r, &d, &mut fake); // invariants checked after every single operation
+    assert_converged(&fake, &d);
+    let st = apply_ok(&mut r, &d, &mut fake);
+    assert_eq!(st.writes, 0);
+}
+
+#[test]
+fn adopting_unchanged_state_keeps_backends_and_traffic() {
+    let w = World::new();
+    let d = w.desired();
+    let mut fake = Fake::default();
+    apply_ok(&mut Reconciler::new(SEED), &d, &mut fake);
+    let before = fake.maps.clone();
+    let mark = fake.ops.len();
+
+    let mut r = Reconciler::adopt(SEED, existing(&fake.maps));
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+    // Backend ids are taken over as they are: no backend is rewritten or deleted.
+    assert_eq!(fake.maps.backends, before.backends);
+    assert!(
+        fake.since(mark)
+            .iter()
+            .all(|o| !matches!(o, Op::SetBackend(..) | Op::DelBackend(_))),
+        "{:#?}",
+        fake.since(mark)
+    );
+    // The tables have the same contents under their new ids.
+    for k in d.frontends.keys() {
+        let old = before.frontends[k];
+        let new = fake.maps.frontends[k];
+        assert_eq!(
+            before.tables.get(&old.group_id),
+            fake.maps.tables.get(&new.group_id)
+        );
+    }
+    assert_eq!(apply_ok(&mut r, &d, &mut fake).writes, 0);
+}
+
+#[test]
+fn adopting_cleans_up_leftovers() {
+    let w = World::new();
+    let d = w.desired();
+    let mut fake = Fake::default();
+    apply_ok(&mut Reconciler::new(SEED), &d, &mut fake);
+    // Left behind by a crash: a table nothing points at, a backend no table names, and a
+    // frontend of a service deleted since, pointing at a table that no longer exists.
+    fake.maps.tables.insert(
+        900,
+        vec![
+            MaglevSlot {
+                backend: 1,
+                prev: 0
+            };
+            251
+        ],
+    );
+    let stray = Backend {
+        addr: addr::from_ip(ip("10.0.3.3")),
+        port: 80u16.to_be(),
+        proto: 6,
+        flags: 0,
+    };
+    fake.maps.backends.insert(901, stray);
+    let gone = tcp("172.30.0.9", 80);
+    fake.maps.frontends.insert(
+        gone,
+        SvcVal {
+            group_id: 902,
+            table_size: 251,
+            backend_count: 0,
+            flags: 0,
+        },
+    );
+
+    let mut r = Reconciler::adopt(SEED, existing(&fake.maps));
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+    assert_eq!(apply_ok(&mut r, &d, &mut fake).writes, 0);
+}
+
+#[test]
+fn adopted_ids_are_never_reused_for_new_tables() {
+    // A previous agent with other ids in use: adopt must not hand out an id that is still
+    // live, or a frontend would briefly point at a table of another size.
+    let w = World::new();
+    let d = w.desired();
+    let mut fake = Fake::default();
+    apply_ok(&mut Reconciler::new(SEED), &d, &mut fake);
+    let old_ids: BTreeSet<u32> = fake.maps.tables.keys().copied().collect();
+    let mark = fake.ops.len();
+
+    let mut r = Reconciler::adopt(SEED, existing(&fake.maps));
+    apply_ok(&mut r, &d, &mut fake);
+    for op in fake.since(mark) {
+        if let Op::SetTable(id, _) = op {
+            assert!(!old_ids.contains(id), "table {id} overwritten while live");
+        }
+    }
+    assert_converged(&fake, &d);
+}
+
+// ---- Failures ----------------------------------------------------------------------------------
+
+/// The backend ids of address `ip` in the maps.
+fn ids_of(maps: &Maps, ip_text: &str) -> BTreeSet<u32> {
+    let want = addr::from_ip(ip(ip_text));
+    maps.backends
+        .iter()
+        .filter(|(_, b)| b.addr == want)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+#[test]
+fn a_failed_table_write_is_reported_and_isolated() {
+    let d = World::new().desired();
+    // b's TCP table cannot be written (its backends are 10.0.x.3/4 on port 8080).
+    let mut fake = Fake::failing(|op, maps| match op {
+        Op::SetTable(_, named) => named.iter().any(|id| {
+            let b = maps.backends[id];
+            addr::to_ip(&b.addr) == ip("10.0.2.4") && u16::from_be(b.port) == 8080
+        }),
+        _ => false,
+    });
+    let mut r = Reconciler::new(SEED);
+    let (st, errors) = apply(&mut r, &d, &mut fake);
+    fake.assert_no_violations();
+    assert_eq!(st.errors, 1);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains("default/b") && errors[0].contains("map full"),
+        "{errors:?}"
+    );
+    // b's TCP frontend is not written (it would point at nothing); everything else is fine.
+    assert!(!fake.maps.frontends.contains_key(&b80()));
+    assert_eq!(
+        fake.resolve(&a80()),
+        eps(&[("10.0.1.1", 8080), ("10.0.1.2", 8080)])
+    );
+    assert_eq!(fake.resolve(&b53()).len(), 3);
+    assert_eq!(fake.resolve(&c80()).len(), 2);
+
+    // The map has room again: the next sync finishes the job.
+    fake.fail_if = None;
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+}
+
+#[test]
+fn a_failed_backend_write_leaves_the_service_on_its_old_table() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    let d1 = w.desired();
+    apply_ok(&mut r, &d1, &mut fake);
+    let before = fake.maps.clone();
+
+    // a's endpoints are replaced, and the new backend cannot be written.
+    fake.fail_if = fail_when(|op, _| matches!(op, Op::SetBackend(_, a) if *a == ip("10.0.2.2")));
+    w.set_endpoints("a", &["10.0.2.2"]);
+    let d2 = w.desired();
+    let (_, errors) = apply(&mut r, &d2, &mut fake);
+    assert!(!errors.is_empty());
+    assert!(errors.iter().any(|e| e.contains("10.0.2.2")), "{errors:#?}");
+    // a still reaches its old backends (no dangling table entries), the others are untouched.
+    fake.assert_no_violations();
+    assert_eq!(
+        fake.resolve(&a80()),
+        eps(&[("10.0.1.1", 8080), ("10.0.1.2", 8080)])
+    );
+    for k in [b80(), b53(), c80()] {
+        assert_eq!(fake.maps.frontends[&k], before.frontends[&k]);
+    }
+
+    fake.fail_if = None;
+    apply_ok(&mut r, &d2, &mut fake);
+    assert_converged(&fake, &d2);
+}
+
+#[test]
+fn a_failed_frontend_write_is_retried() {
+    let mut w = World::new();
+    w.services.insert(
+        "d",
+        Svc::new("d", "172.30.0.4").port("http", "TCP", 80).build(),
+    );
+    w.slices.insert("d", ready_slice("d-1", "d", &["10.0.1.8"]));
+    let d = w.desired();
+    let d_key = tcp("172.30.0.4", 80);
+    let mut fake = Fake::failing(move |op, _| matches!(op, Op::SetFrontend(k, _) if *k == d_key));
+    let mut r = Reconciler::new(SEED);
+    let (_, errors) = apply(&mut r, &d, &mut fake);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("default/d"), "{errors:?}");
+    fake.assert_no_violations();
+    assert_eq!(fake.resolve(&a80()).len(), 2);
+
+    fake.fail_if = None;
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+}
+
+#[test]
+fn a_failed_frontend_delete_keeps_its_table_until_it_is_gone() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+
+    w.services.remove("b");
+    let d = w.desired();
+    let key = b80();
+    fake.fail_if = fail_when(move |op, _| matches!(op, Op::DelFrontend(k) if *k == key));
+    let (_, errors) = apply(&mut r, &d, &mut fake);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    // The frontend that could not be removed still leads to b's backends.
+    fake.assert_no_violations();
+    assert_eq!(fake.resolve(&b80()).len(), 3);
+
+    fake.fail_if = None;
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+}
+
+#[test]
+fn a_failed_frontend_update_to_zero_keeps_its_table() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+
+    w.set_endpoints("c", &[]);
+    let d = w.desired();
+    let key = c80();
+    fake.fail_if = fail_when(move |op, _| matches!(op, Op::SetFrontend(k, _) if *k == key));
+    let (_, errors) = apply(&mut r, &d, &mut fake);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    fake.assert_no_violations();
+    assert_eq!(
+        fake.resolve(&c80()).len(),
+        2,
+        "still served by the old table"
+    );
+
+    fake.fail_if = None;
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+}
+
+#[test]
+fn a_failed_repoint_keeps_the_old_table() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+
+    // a moves to a table of another size, but its frontend cannot be updated.
+    let a = Svc::new("a", "172.30.0.1").port("http", "TCP", 80);
+    w.services
+        .insert("a", a.annotate(ANNOTATION_MAGLEV_SIZE, "509").build());
+    let d = w.desired();
+    let key = a80();
+    fake.fail_if = fail_when(move |op, _| matches!(op, Op::SetFrontend(k, _) if *k == key));
+    let (_, errors) = apply(&mut r, &d, &mut fake);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    fake.assert_no_violations();
+    assert_eq!(fake.resolve(&a80()).len(), 2);
+
+    fake.fail_if = None;
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+    assert_eq!(fake.maps.frontends[&a80()].table_size, 509);
+}
+
+#[test]
+fn failing_deletes_do_not_stop_the_rest() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+
+    // Every delete fails while b goes and a changes.
+    fake.fail_if =
+        fail_when(|op, _| matches!(op, Op::DelBackend(_) | Op::DelTable(_) | Op::DelFrontend(_)));
+    w.services.remove("b");
+    w.set_endpoints("a", &["10.0.1.1", "10.0.2.2"]);
+    let d = w.desired();
+    let (_, errors) = apply(&mut r, &d, &mut fake);
+    assert!(!errors.is_empty());
+    fake.assert_no_violations();
+    assert_eq!(
+        fake.resolve(&a80()),
+        eps(&[("10.0.1.1", 8080), ("10.0.2.2", 8080)])
+    );
+    assert_eq!(fake.resolve(&c80()).len(), 2);
+
+    fake.fail_if = None;
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+    assert!(ids_of(&fake.maps, "10.0.2.3").is_empty());
+}
+
+#[test]
+fn protocol_is_part_of_the_backend() {
+    // b's TCP and UDP backends share addresses but are distinct entries.
+    let d = World::new().desired();
+    let mut fake = Fake::default();
+    apply_ok(&mut Reconciler::new(SEED), &d, &mut fake);
+    let ids = ids_of(&fake.maps, "10.0.1.3");
+    let protos: BTreeSet<u8> = ids.iter().map(|id| fake.maps.backends[id].proto).collect();
+    assert_eq!(
+        protos,
+        [Protocol::Tcp.number(), Protocol::Udp.number()].into()
+    );
+}
+
+/// With a previous-owner window, a table change keeps each moved slot's old owner beside the
+/// new one until the window ends; slots that did not move carry none.
+#[test]
+fn table_changes_keep_previous_owners_for_the_window() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED).with_prev_window(Duration::from_secs(60));
+    let d1 = w.desired();
+    apply_ok(&mut r, &d1, &mut fake);
+    let a_table = fake.maps.frontends[&a80()].group_id;
+    let before = fake.maps.tables[&a_table].clone();
+    assert!(
+        before.iter().all(|s| s.prev == 0),
+        "a first table has no history"
+    );
+
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
+    let d2 = w.desired();
+    apply_ok(&mut r, &d2, &mut fake);
+    assert_converged(&fake, &d2);
+    let after = fake.maps.tables[&a_table].clone();
+    let mut moved = 0;
+    for (now, was) in after.iter().zip(&before) {
+        if now.backend == was.backend {
+            assert_eq!(now.prev, 0, "an unmoved slot has no previous owner");
+        } else {
+            assert_eq!(now.prev, was.backend, "a moved slot names its old owner");
+            moved += 1;
+        }
+    }
+    // Two backends become three: about a third of the slots move, all to the new backend.
+    let size = after.len();
+    assert!(
+        moved > size / 4 && moved < size / 2,
+        "{moved} of {size} slots moved"
+    );
+
+    // Not yet expired: nothing is rewritten.
+    assert_eq!(
+        r.expire_prev(Instant::now(), &mut fake, &mut |e| panic!("{e}")),
+        0
+    );
+    // After the window the table is rewritten without previous owners, same owners.
+    let later = Instant::now() + Duration::from_secs(61);
+    assert_eq!(r.expire_prev(later, &mut fake, &mut |e| panic!("{e}")), 1);
+    let cleared = &fake.maps.tables[&a_table];
+    assert!(cleared.iter().all(|s| s.prev == 0));
+    assert!(
+        cleared
+            .iter()
+            .zip(&after)
+            .all(|(c, a)| c.backend == a.backend)
+    );
+    assert_eq!(r.expire_prev(later, &mut fake, &mut |e| panic!("{e}")), 0);
+}
+
+#[test]
+fn without_a_window_tables_carry_no_previous_owners() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    assert!(fake.maps.tables.values().flatten().all(|s| s.prev == 0));
+}
