@@ -114,6 +114,36 @@ pub struct RunArgs {
     /// How often the manifest directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub poll_interval_ms: u64,
+
+    /// How traffic to remote backends leaves this node: `snat` (source becomes this node's IP;
+    /// replies come back here). `dsr` is not implemented yet and is refused.
+    #[arg(long, value_enum, default_value = "snat")]
+    pub lb_mode: LbMode,
+
+    /// Service CIDRs (comma-separated, one per family). Addresses inside them that are no
+    /// frontend are dropped on --interfaces instead of being routed out.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cidr: Vec<String>,
+
+    /// Capacity of the north-south connection tracking table (LRU; set when the map is first
+    /// created, kept by restarts).
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_CT_MAX)]
+    pub conntrack_max: u32,
+
+    /// XDP attach mode on --interfaces: native where the driver supports it (auto), or forced.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: crate::datapath::XdpAttach,
+
+    /// Source ports used for SNAT towards remote backends (keep them outside the kernel's
+    /// ip_local_port_range).
+    #[arg(long, default_value = "61001-65535")]
+    pub snat_ports: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbMode {
+    Snat,
+    Dsr,
 }
 
 /// `500ms`, `60s`, `2m`, or a bare number of seconds.

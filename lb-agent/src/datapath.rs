@@ -8,19 +8,29 @@
 
 use std::{
     fs,
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, IterableMap as _, Map, MapData, MapError},
+    maps::{
+        Array, HashMap, HashOfMaps, IterableMap as _, LpmTrie, Map, MapData, MapError,
+        lpm_trie::Key as LpmKey,
+    },
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
-        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::TcAttachOptions,
+        xdp::XdpLink,
     },
 };
-use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal, maps};
+use lb_common::{
+    Backend, MaglevSlot, SvcKey, SvcVal,
+    ct::{Config, CtKey, CtVal, SrcRangeKey},
+    maps,
+};
 use tracing::{debug, info};
 
 use crate::sync::{self, Existing};
@@ -97,12 +107,44 @@ impl Paths {
     }
 }
 
+/// North-south programs attached to `--interfaces`.
+pub const XDP_PROGRAM: &str = "kplb_xdp";
+pub const TC_EGRESS_PROGRAM: &str = "kplb_tc_egress";
+pub const TC_INGRESS_PROGRAM: &str = "kplb_tc_ingress";
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Load-time settings (a restart with other values keeps the pinned maps as they are).
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the conntrack LRU (`--conntrack-max`).
+    pub conntrack_max: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_max: maps::DEFAULT_CT_MAX,
+        }
+    }
+}
+
 /// Loaded programs plus typed handles on the pinned maps.
 pub struct BpfDatapath {
     _ebpf: Ebpf,
     services: HashMap<MapData, SvcKey, SvcVal>,
     backends: HashMap<MapData, u32, Backend>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, MaglevSlot>>,
+    ct: HashMap<MapData, CtKey, CtVal>,
+    config: Array<MapData, Config>,
+    src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(
@@ -116,26 +158,229 @@ fn take<T: TryFrom<Map, Error = MapError>>(
 impl BpfDatapath {
     /// Loads the programs with every map pinned (an existing pin is reused, which is how a
     /// restarted agent keeps the previous agent's state).
-    pub fn load(bpffs_dir: &Path) -> Result<Self, DatapathError> {
+    pub fn load(bpffs_dir: &Path, opts: LoadOptions) -> Result<Self, DatapathError> {
         ensure_bpffs(bpffs_dir)?;
         let paths = Paths::new(bpffs_dir);
         fs::create_dir_all(&paths.maps)
             .map_err(io(format!("creating {}", paths.maps.display())))?;
         fs::create_dir_all(&paths.links)
             .map_err(io(format!("creating {}", paths.links.display())))?;
-        let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> =
             maps::ALL.iter().map(|m| (*m, paths.maps.join(m))).collect();
-        for (name, path) in &pins {
+        Self::load_with(&pins, opts)
+    }
+
+    /// Loads the programs with private, unpinned maps (fixture tests, benchmarks).
+    pub fn load_unpinned(opts: LoadOptions) -> Result<Self, DatapathError> {
+        Self::load_with(&[], opts)
+    }
+
+    fn load_with(pins: &[(&str, PathBuf)], opts: LoadOptions) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        for (name, path) in pins {
             loader.map_pin_path(name, path.as_path());
         }
+        loader.map_max_entries(maps::CT, opts.conntrack_max.max(1));
         let mut ebpf = loader.load(PROGRAMS)?;
         Ok(Self {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
             maglev: take(&mut ebpf, maps::MAGLEV)?,
+            ct: take(&mut ebpf, maps::CT)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
+            src_ranges: take(&mut ebpf, maps::SRC_RANGES)?,
             _ebpf: ebpf,
         })
+    }
+
+    /// The loaded object (tests run programs through it).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self._ebpf
+    }
+
+    /// Capacity of the (possibly adopted) conntrack map.
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.ct.map().info().map(|i| i.max_entries()).unwrap_or(0)
+    }
+
+    /// Writes the runtime configuration; programs see it on their next packet.
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), DatapathError> {
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|source| DatapathError::Map {
+                name: maps::CONFIG,
+                source,
+            })
+    }
+
+    /// All conntrack entries (tests and diagnostics).
+    pub fn ct_entries(&self) -> Vec<(CtKey, CtVal)> {
+        self.ct.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Deletes conntrack entries expired at `now_ns` (CLOCK_MONOTONIC) whose other direction
+    /// is expired or gone too, so a one-way flow never loses its reply translation early.
+    /// Returns (entries scanned, entries deleted). Runs beside the datapath: the programs treat
+    /// expired entries as misses, so a slow scan never stalls or misroutes packets.
+    pub fn ct_gc(&mut self, now_ns: u64) -> (usize, usize) {
+        let entries = self.ct_entries();
+        let live: std::collections::HashSet<CtKey> = entries
+            .iter()
+            .filter(|(_, v)| v.expires > now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut deleted = 0;
+        for (k, v) in &entries {
+            if v.expires <= now_ns && !live.contains(&k.twin(v)) && self.ct.remove(k).is_ok() {
+                deleted += 1;
+            }
+        }
+        (entries.len(), deleted)
+    }
+
+    /// Attaches XDP (make-before-break: an existing pinned link gets the new program
+    /// atomically) and tc egress (TCX; the new link is attached before the old one goes) to
+    /// `iface`. Returns the XDP mode in use.
+    pub fn attach_interface(
+        &mut self,
+        iface: &str,
+        bpffs_dir: &Path,
+        mode: XdpAttach,
+    ) -> Result<&'static str, DatapathError> {
+        let links = Paths::new(bpffs_dir).links;
+        let xdp_pin = links.join(format!("xdp_{iface}"));
+        let prog: &mut Xdp = program(&mut self._ebpf, XDP_PROGRAM)?;
+        prog.load()
+            .or_else(already_loaded)
+            .map_err(|source| DatapathError::Program {
+                name: XDP_PROGRAM,
+                source,
+            })?;
+        let err = |source| DatapathError::Program {
+            name: XDP_PROGRAM,
+            source,
+        };
+        let used = if let Ok(old) = PinnedLink::from_pin(&xdp_pin) {
+            // Keep the interface's link (and its mode); swap the program in atomically.
+            let fd: FdLink = old
+                .unpin()
+                .map_err(io(format!("unpinning {}", xdp_pin.display())))?;
+            let link = XdpLink::try_from(fd).map_err(|source| DatapathError::Link {
+                path: xdp_pin.clone(),
+                source,
+            })?;
+            let id = prog.attach_to_link(link).map_err(err)?;
+            let fd: FdLink = prog
+                .take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|source| DatapathError::Link {
+                    path: xdp_pin.clone(),
+                    source,
+                })?;
+            fd.pin(&xdp_pin).map_err(|source| DatapathError::Pin {
+                path: xdp_pin.clone(),
+                source,
+            })?;
+            "existing link"
+        } else {
+            let tries: &[(XdpMode, &'static str)] = match mode {
+                XdpAttach::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+                XdpAttach::Native => &[(XdpMode::Driver, "native")],
+                XdpAttach::Generic => &[(XdpMode::Skb, "generic")],
+            };
+            let mut last = None;
+            let mut used = None;
+            for (m, name) in tries {
+                match prog.attach(iface, *m) {
+                    Ok(id) => {
+                        let fd: FdLink =
+                            prog.take_link(id)
+                                .map_err(err)?
+                                .try_into()
+                                .map_err(|source| DatapathError::Link {
+                                    path: xdp_pin.clone(),
+                                    source,
+                                })?;
+                        let _ = fs::remove_file(&xdp_pin);
+                        fd.pin(&xdp_pin).map_err(|source| DatapathError::Pin {
+                            path: xdp_pin.clone(),
+                            source,
+                        })?;
+                        used = Some(*name);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            match used {
+                Some(u) => u,
+                None => return Err(err(last.unwrap_or(aya::programs::ProgramError::NotLoaded))),
+            }
+        };
+        for (name, attach, pin) in [
+            (TC_EGRESS_PROGRAM, TcAttachType::Egress, "tc_egress"),
+            (TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tc_ingress"),
+        ] {
+            self.attach_tc(iface, &links, name, attach, pin)?;
+        }
+        Ok(used)
+    }
+
+    fn attach_tc(
+        &mut self,
+        iface: &str,
+        links: &Path,
+        name: &'static str,
+        attach: TcAttachType,
+        pin: &str,
+    ) -> Result<(), DatapathError> {
+        let tc: &mut SchedClassifier = program(&mut self._ebpf, name)?;
+        let terr = |source| DatapathError::Program { name, source };
+        tc.load().or_else(already_loaded).map_err(terr)?;
+        let id = tc
+            .attach_with_options(
+                iface,
+                attach,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(terr)?;
+        let tc_pin = links.join(format!("{pin}_{iface}"));
+        let fd: FdLink = tc
+            .take_link(id)
+            .map_err(terr)?
+            .try_into()
+            .map_err(|source| DatapathError::Link {
+                path: tc_pin.clone(),
+                source,
+            })?;
+        replace_pinned_link(fd, &tc_pin)?;
+        Ok(())
+    }
+
+    /// Replaces the loadBalancerSourceRanges entry of `group` for `net/prefix`.
+    pub fn set_src_range(
+        &mut self,
+        group: u32,
+        net: IpAddr,
+        prefix: u8,
+        present: bool,
+    ) -> Result<(), DatapathError> {
+        let (key, plen) = src_range_key(group, net, prefix);
+        let k = LpmKey::new(plen, key);
+        let r = if present {
+            self.src_ranges.insert(&k, 1, 0)
+        } else {
+            self.src_ranges.remove(&k)
+        };
+        if present {
+            r.map_err(|source| DatapathError::Map {
+                name: maps::SRC_RANGES,
+                source,
+            })
+        } else {
+            ignore_missing(r, maps::SRC_RANGES)
+        }
     }
 
     /// Attaches the socket-LB programs to `cgroup`, replacing links a previous agent pinned.
@@ -179,6 +424,38 @@ impl BpfDatapath {
             frontends: self.services.iter().filter_map(Result::ok).collect(),
             groups: self.maglev.keys().filter_map(Result::ok).collect(),
         }
+    }
+}
+
+/// LPM key for `net/prefix` of `group`: the group id is always matched in full.
+pub fn src_range_key(group: u32, net: IpAddr, prefix: u8) -> (SrcRangeKey, u32) {
+    let extra = if net.is_ipv4() { 96 } else { 0 };
+    (
+        SrcRangeKey {
+            group_be: group.to_be(),
+            addr: lb_common::addr::from_ip(net),
+        },
+        32 + extra + u32::from(prefix),
+    )
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn already_loaded(e: aya::programs::ProgramError) -> Result<(), aya::programs::ProgramError> {
+    match e {
+        aya::programs::ProgramError::AlreadyLoaded => Ok(()),
+        e => Err(e),
     }
 }
 
@@ -265,6 +542,16 @@ impl sync::Datapath for BpfDatapath {
                 name: maps::SERVICES,
                 source,
             })
+    }
+
+    fn set_src_range(
+        &mut self,
+        group: u32,
+        net: IpAddr,
+        prefix: u8,
+        present: bool,
+    ) -> Result<(), DatapathError> {
+        BpfDatapath::set_src_range(self, group, net, prefix, present)
     }
 
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), DatapathError> {

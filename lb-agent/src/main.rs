@@ -15,17 +15,18 @@ use clap::Parser as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
     changes::{Batch, ChangeQueue},
-    cli::{Cli, Command, RunArgs},
+    cli::{Cli, Command, LbMode, RunArgs},
     datapath::{self, BpfDatapath},
     health::{self, Health},
+    healthcheck::HealthChecks,
     k8s::KubeSource,
     model::{self, NodeConfig},
-    mountns, objects,
+    mountns, node, objects,
     standalone::ManifestDir,
     stats::DatapathStats,
     sync::Reconciler,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -142,15 +143,50 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     };
 
-    let mut dp = BpfDatapath::load(&args.bpffs_dir).context("loading the datapath")?;
+    if args.lb_mode == LbMode::Dsr {
+        bail!("--lb-mode dsr is not implemented yet; use --lb-mode snat");
+    }
+    let snat_ports = node::parse_port_range(&args.snat_ports)
+        .with_context(|| format!("--snat-ports {:?}: expected LOW-HIGH", args.snat_ports))?;
+    let node_ips = if args.node_ips.is_empty() {
+        node::interface_addrs(&args.interfaces).context("reading the addresses of --interfaces")?
+    } else {
+        args.node_ips.clone()
+    };
+    let nodeport_ips =
+        node::nodeport_ips(&node_ips, &args.nodeport_addresses).context("--nodeport-addresses")?;
+    let settings = node::Settings {
+        service_cidrs: args.service_cidr.clone(),
+        snat_ports,
+    };
+    let config = node::config(&node_ips, &settings).context("--service-cidr")?;
+
+    let opts = datapath::LoadOptions {
+        conntrack_max: args.conntrack_max,
+    };
+    let mut dp = BpfDatapath::load(&args.bpffs_dir, opts).context("loading the datapath")?;
     match DatapathStats::open(&args.bpffs_dir) {
         Ok(stats) => health.metrics.set_counter_source(Box::new(stats)),
         Err(e) => warn!("datapath counters will not be exported: {e}"),
     }
     let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing())
         .with_prev_window(Duration::from_secs(args.maglev_prev_window));
+    dp.set_config(&config)
+        .context("writing the datapath configuration")?;
     dp.attach_cgroup(&args.cgroup_path, &args.bpffs_dir)
         .with_context(|| format!("attaching to cgroup {}", args.cgroup_path.display()))?;
+    for iface in &args.interfaces {
+        let mode = dp
+            .attach_interface(iface, &args.bpffs_dir, args.xdp_mode)
+            .with_context(|| format!("attaching XDP and tc to {iface}"))?;
+        info!(interface = %iface, xdp_mode = mode, "XDP and tc egress attached");
+    }
+    info!(
+        capacity = dp.conntrack_capacity(),
+        node_ips = ?node_ips,
+        nodeport_ips = ?nodeport_ips,
+        "conntrack table ready"
+    );
     info!(
         node = %args.node_name,
         cgroup = %args.cgroup_path.display(),
@@ -162,7 +198,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node_name: args.node_name.clone(),
         maglev_table_size: args.maglev_table_size,
         zone: None,
+        nodeport_ips,
     };
+    let mut health_checks = HealthChecks::default();
+    let mut next_gc = Instant::now() + CT_GC_INTERVAL;
     let interval = Duration::from_millis(args.poll_interval_ms);
     let mut logged = BTreeSet::new();
     changes.queued(); // the first full sync
@@ -176,7 +215,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 services: &services,
                 slices: &slices,
             };
-            sync_once(
+            let hcs = sync_once(
                 &inputs,
                 &node,
                 &mut reconciler,
@@ -185,6 +224,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 &mut logged,
                 batch,
             );
+            health_checks.update(&hcs);
+        }
+        if Instant::now() >= next_gc {
+            let start = Instant::now();
+            let (scanned, deleted) = dp.ct_gc(monotonic_ns());
+            debug!(
+                scanned,
+                deleted,
+                took_ms = start.elapsed().as_secs_f64() * 1e3,
+                "conntrack gc"
+            );
+            next_gc = Instant::now() + CT_GC_INTERVAL;
         }
         let expired = reconciler.expire_prev(Instant::now(), &mut dp, &mut |e| error!("sync: {e}"));
         if expired > 0 {
@@ -218,7 +269,7 @@ fn sync_once(
     health: &Health,
     logged: &mut BTreeSet<String>,
     batch: Batch,
-) {
+) -> std::collections::BTreeMap<u16, model::HealthCheck> {
     let first = !health.has_synced();
     let start = Instant::now();
     let mut warnings = BTreeSet::new();
@@ -259,6 +310,21 @@ fn sync_once(
             "applied changes"
         );
     }
+    desired.health_checks
+}
+
+/// How often expired conntrack entries are removed.
+const CT_GC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns, which conntrack expiry uses.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn sleep_unless_stopped(d: Duration) {

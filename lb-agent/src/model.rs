@@ -9,7 +9,8 @@ use std::{
 };
 
 use lb_common::{
-    SCOPE_INTERNAL, SVC_F_AFFINITY, SvcKey, addr,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP,
+    SVC_F_SRC_RANGES, SvcKey, addr,
     maglev::{self, DEFAULT_TABLE_SIZE},
 };
 
@@ -28,6 +29,9 @@ pub struct NodeConfig {
     pub maglev_table_size: u32,
     /// This node's `topology.kubernetes.io/zone`, for topology-aware endpoint selection.
     pub zone: Option<String>,
+    /// This node's addresses that accept NodePort traffic (node IPs filtered by
+    /// `--nodeport-addresses`).
+    pub nodeport_ips: Vec<IpAddr>,
 }
 
 impl Default for NodeConfig {
@@ -36,6 +40,7 @@ impl Default for NodeConfig {
             node_name: String::new(),
             maglev_table_size: DEFAULT_TABLE_SIZE,
             zone: None,
+            nodeport_ips: Vec::new(),
         }
     }
 }
@@ -86,10 +91,22 @@ pub struct Frontend {
     pub affinity_timeout_s: u32,
 }
 
+/// A healthCheckNodePort the agent serves (kube-proxy's contract).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ServiceName,
+    /// Ready (not terminating) endpoints on this node.
+    pub local_endpoints: usize,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<SvcKey, Frontend>,
     pub groups: BTreeMap<GroupKey, Group>,
+    /// loadBalancerSourceRanges by the group their LoadBalancer frontends point at.
+    pub src_ranges: BTreeMap<GroupKey, BTreeSet<(IpAddr, u8)>>,
+    /// healthCheckNodePort -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 impl Desired {
@@ -106,6 +123,8 @@ impl Desired {
 struct PortEndpoints {
     all: Vec<BackendSpec>,
     local: Vec<BackendSpec>,
+    /// Ready local endpoints (what healthCheckNodePort reports; terminating ones don't count).
+    local_ready: usize,
 }
 
 /// Builds the desired state. Problems that only affect one service (an unusable table size)
@@ -122,41 +141,208 @@ pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(St
                 TrafficPolicy::Cluster => &eps.all,
                 TrafficPolicy::Local => &eps.local,
             };
-            let group = GroupKey {
-                service: svc.id.clone(),
-                port_name: port.name.clone(),
-                protocol: port.protocol,
-                ipv6,
-                local_only: svc.internal_policy == TrafficPolicy::Local,
-                table_size: table_size(svc, internal.len(), node, warn),
-            };
-            out.groups.entry(group.clone()).or_insert_with(|| Group {
-                backends: internal.clone(),
-            });
+            let local_only = svc.internal_policy == TrafficPolicy::Local;
+            let group = add_group(&mut out, svc, port, ipv6, local_only, internal, node, warn);
             let flags = if svc.session_affinity {
                 SVC_F_AFFINITY
             } else {
                 0
             };
             for ip in svc.cluster_ips.iter().filter(|c| c.is_ipv6() == ipv6) {
-                let key = SvcKey {
-                    addr: addr::from_ip(*ip),
-                    port: port.port.to_be(),
-                    proto: port.protocol.number(),
-                    scope: SCOPE_INTERNAL,
-                };
-                out.frontends.insert(
-                    key,
-                    Frontend {
-                        group: group.clone(),
-                        flags,
-                        affinity_timeout_s: svc.affinity_timeout_s,
-                    },
+                // Internal scope only: like Cilium's default (unlike kube-proxy), a ClusterIP is
+                // not served to packets arriving on --interfaces; with --service-cidr they are
+                // dropped there.
+                put(
+                    &mut out,
+                    *ip,
+                    port.port,
+                    port,
+                    SCOPE_INTERNAL,
+                    frontend(&group, flags, svc),
                 );
             }
+            external_frontends(&mut out, svc, port, ipv6, &eps, node, flags, warn);
         }
     }
     out
+}
+
+/// The group of one service port, family and endpoint selection (created on first use).
+#[allow(clippy::too_many_arguments)]
+fn add_group(
+    out: &mut Desired,
+    svc: &ServiceInfo,
+    port: &ServicePort,
+    ipv6: bool,
+    local_only: bool,
+    backends: &[BackendSpec],
+    node: &NodeConfig,
+    warn: &mut dyn FnMut(String),
+) -> GroupKey {
+    let key = GroupKey {
+        service: svc.id.clone(),
+        port_name: port.name.clone(),
+        protocol: port.protocol,
+        ipv6,
+        local_only,
+        table_size: table_size(svc, backends.len(), node, warn),
+    };
+    out.groups.entry(key.clone()).or_insert_with(|| Group {
+        backends: backends.to_vec(),
+    });
+    key
+}
+
+fn put(out: &mut Desired, ip: IpAddr, p: u16, port: &ServicePort, scope: u8, fe: Frontend) {
+    let key = SvcKey {
+        addr: addr::from_ip(ip),
+        port: p.to_be(),
+        proto: port.protocol.number(),
+        scope,
+    };
+    out.frontends.insert(key, fe);
+}
+
+/// A frontend of `svc` on `group`; the affinity timeout only matters with `SVC_F_AFFINITY`.
+fn frontend(group: &GroupKey, flags: u32, svc: &ServiceInfo) -> Frontend {
+    Frontend {
+        group: group.clone(),
+        flags,
+        affinity_timeout_s: if flags & SVC_F_AFFINITY != 0 {
+            svc.affinity_timeout_s
+        } else {
+            0
+        },
+    }
+}
+
+/// NodePort, LoadBalancer and external IP frontends of one service port and family.
+///
+/// External scope (XDP): `externalTrafficPolicy` picks all or only local endpoints; Local drops
+/// where there is none (another node may have one). Internal scope (sockets on this node): all
+/// endpoints, as kube-proxy short-circuits in-cluster traffic to these addresses.
+#[allow(clippy::too_many_arguments)]
+fn external_frontends(
+    out: &mut Desired,
+    svc: &ServiceInfo,
+    port: &ServicePort,
+    ipv6: bool,
+    eps: &PortEndpoints,
+    node: &NodeConfig,
+    flags: u32,
+    warn: &mut dyn FnMut(String),
+) {
+    let fits = |ip: &IpAddr| ip.is_ipv6() == ipv6;
+    let nodeport_ips: Vec<IpAddr> = match port.node_port {
+        Some(_) => node.nodeport_ips.iter().copied().filter(fits).collect(),
+        None => Vec::new(),
+    };
+    let lb_ips: Vec<IpAddr> = svc.lb_ips.iter().copied().filter(fits).collect();
+    let ext_ips: Vec<IpAddr> = svc.external_ips.iter().copied().filter(fits).collect();
+    if nodeport_ips.is_empty() && lb_ips.is_empty() && ext_ips.is_empty() {
+        return;
+    }
+    let cluster = add_group(out, svc, port, ipv6, false, &eps.all, node, warn);
+    let local = svc.external_policy == TrafficPolicy::Local;
+    let (ext_group, ext_flags) = if local {
+        (
+            add_group(out, svc, port, ipv6, true, &eps.local, node, warn),
+            flags | SVC_F_EXT_LOCAL,
+        )
+    } else {
+        (cluster.clone(), flags)
+    };
+    if let Some(np) = port.node_port {
+        for ip in &nodeport_ips {
+            // The NodePort is not restricted by loadBalancerSourceRanges (as in kube-proxy).
+            put(
+                out,
+                *ip,
+                np,
+                port,
+                SCOPE_EXTERNAL,
+                frontend(&ext_group, ext_flags, svc),
+            );
+            put(
+                out,
+                *ip,
+                np,
+                port,
+                SCOPE_INTERNAL,
+                frontend(&cluster, flags, svc),
+            );
+        }
+    }
+    let ranged = svc.source_ranges.is_some();
+    for ip in &lb_ips {
+        let f = if ranged {
+            ext_flags | SVC_F_SRC_RANGES
+        } else {
+            ext_flags
+        };
+        put(
+            out,
+            *ip,
+            port.port,
+            port,
+            SCOPE_EXTERNAL,
+            frontend(&ext_group, f, svc),
+        );
+        put(
+            out,
+            *ip,
+            port.port,
+            port,
+            SCOPE_INTERNAL,
+            frontend(&cluster, flags, svc),
+        );
+    }
+    for ip in &ext_ips {
+        put(
+            out,
+            *ip,
+            port.port,
+            port,
+            SCOPE_EXTERNAL,
+            frontend(&ext_group, ext_flags, svc),
+        );
+        put(
+            out,
+            *ip,
+            port.port,
+            port,
+            SCOPE_INTERNAL,
+            frontend(&cluster, flags, svc),
+        );
+    }
+    // Any other port on these addresses is rejected rather than routed on.
+    for ip in lb_ips.iter().chain(&ext_ips) {
+        let marker = SvcKey {
+            addr: addr::from_ip(*ip),
+            port: 0,
+            proto: 0,
+            scope: SCOPE_EXTERNAL,
+        };
+        out.frontends
+            .insert(marker, frontend(&ext_group, SVC_F_FRONTEND_IP, svc));
+    }
+    if let Some(ranges) = &svc.source_ranges
+        && !lb_ips.is_empty()
+    {
+        out.src_ranges
+            .entry(ext_group.clone())
+            .or_default()
+            .extend(ranges.iter().copied().filter(|(n, _)| n.is_ipv6() == ipv6));
+    }
+    if local && let Some(hc) = svc.health_check_node_port {
+        out.health_checks.insert(
+            hc,
+            HealthCheck {
+                service: svc.id.clone(),
+                local_endpoints: eps.local_ready,
+            },
+        );
+    }
 }
 
 /// The service's table size: its annotation if usable, else the global size; bumped to the
@@ -267,13 +453,204 @@ fn port_endpoints(
             .map(spec)
             .collect()
     };
+    let local_ready = by_addr
+        .values()
+        .filter(|(_, ep)| ep.ready && !ep.terminating && ep.node_name.as_deref() == Some(node))
+        .count();
     PortEndpoints {
         all: usable(false),
         local: usable(true),
+        local_ready,
     }
 }
 
 /// Which duplicate of an address wins: ready over serving over anything else.
 fn rank(ep: &EndpointInfo) -> u8 {
     u8::from(ep.ready) * 2 + u8::from(ep.serving)
+}
+
+#[cfg(test)]
+mod external_tests {
+    use super::*;
+    use crate::objects::{EndpointInfo, SliceInfo, SlicePort};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn inventory(policy: TrafficPolicy, ranges: Option<Vec<(IpAddr, u8)>>) -> Inventory {
+        let id = ServiceName {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let svc = ServiceInfo {
+            id: id.clone(),
+            cluster_ips: vec![ip("172.30.0.10")],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: Some(30080),
+            }],
+            internal_policy: TrafficPolicy::Cluster,
+            external_policy: policy,
+            session_affinity: false,
+            external_ips: vec![ip("192.168.99.10")],
+            lb_ips: vec![ip("1.2.3.4")],
+            maglev_table_size: None,
+            source_ranges: ranges,
+            health_check_node_port: Some(32001),
+            affinity_timeout_s: 0,
+            traffic_distribution: None,
+        };
+        let ep = |a: &str, node: &str, ready: bool| EndpointInfo {
+            addr: ip(a),
+            node_name: Some(node.into()),
+            ready,
+            serving: ready,
+            terminating: !ready,
+            zone: None,
+            hints: Default::default(),
+        };
+        let slice = SliceInfo {
+            name: "web-1".into(),
+            service: id.clone(),
+            ports: vec![SlicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: vec![
+                ep("10.0.1.10", "node1", true),
+                ep("10.0.2.10", "node2", true),
+                ep("10.0.1.11", "node1", false),
+            ],
+        };
+        let mut inv = Inventory::default();
+        inv.services.insert(id, svc);
+        inv.slices.insert(("default".into(), "web-1".into()), slice);
+        inv
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            node_name: "node1".into(),
+            nodeport_ips: vec![ip("192.168.0.2"), ip("2001:db8::2")],
+            ..NodeConfig::default()
+        }
+    }
+
+    fn key(a: &str, port: u16, proto: u8, scope: u8) -> SvcKey {
+        SvcKey {
+            addr: addr::from_ip(ip(a)),
+            port: port.to_be(),
+            proto,
+            scope,
+        }
+    }
+
+    #[test]
+    fn cluster_policy_external_frontends_use_all_endpoints() {
+        let d = desired_state(
+            &inventory(TrafficPolicy::Cluster, None),
+            &node(),
+            &mut |_| {},
+        );
+        let np = &d.frontends[&key("192.168.0.2", 30080, 6, SCOPE_EXTERNAL)];
+        assert_eq!(np.flags, 0);
+        assert_eq!(
+            d.groups[&np.group].backends.len(),
+            2,
+            "both ready endpoints, not the terminating one"
+        );
+        assert!(
+            !d.frontends
+                .contains_key(&key("172.30.0.10", 80, 6, SCOPE_EXTERNAL))
+        );
+        // The IPv6 node address is not a NodePort address of an IPv4-only service.
+        assert!(
+            !d.frontends
+                .contains_key(&key("2001:db8::2", 30080, 6, SCOPE_EXTERNAL))
+        );
+        for (a, p) in [
+            ("1.2.3.4", 80),
+            ("192.168.99.10", 80),
+            ("192.168.0.2", 30080),
+        ] {
+            assert!(
+                d.frontends.contains_key(&key(a, p, 6, SCOPE_EXTERNAL)),
+                "{a}:{p} external"
+            );
+            assert!(
+                d.frontends.contains_key(&key(a, p, 6, SCOPE_INTERNAL)),
+                "{a}:{p} internal"
+            );
+        }
+        for a in ["1.2.3.4", "192.168.99.10"] {
+            assert_eq!(
+                d.frontends[&key(a, 0, 0, SCOPE_EXTERNAL)].flags,
+                SVC_F_FRONTEND_IP,
+                "{a} marker"
+            );
+        }
+        assert!(
+            d.health_checks.is_empty(),
+            "no health check with policy Cluster"
+        );
+    }
+
+    #[test]
+    fn local_policy_uses_local_endpoints_externally_and_all_internally() {
+        let d = desired_state(&inventory(TrafficPolicy::Local, None), &node(), &mut |_| {});
+        let ext = &d.frontends[&key("192.168.0.2", 30080, 6, SCOPE_EXTERNAL)];
+        assert_eq!(ext.flags & SVC_F_EXT_LOCAL, SVC_F_EXT_LOCAL);
+        let local: Vec<IpAddr> = d.groups[&ext.group]
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect();
+        assert_eq!(local, vec![ip("10.0.1.10")]);
+        let int = &d.frontends[&key("192.168.0.2", 30080, 6, SCOPE_INTERNAL)];
+        assert_eq!(
+            d.groups[&int.group].backends.len(),
+            2,
+            "in-cluster clients reach every endpoint"
+        );
+        let hc = &d.health_checks[&32001];
+        assert_eq!(
+            hc.local_endpoints, 1,
+            "the terminating local endpoint does not count"
+        );
+    }
+
+    #[test]
+    fn source_ranges_restrict_only_the_load_balancer_ip() {
+        let ranges = Some(vec![(ip("203.0.113.0"), 28)]);
+        let d = desired_state(
+            &inventory(TrafficPolicy::Cluster, ranges),
+            &node(),
+            &mut |_| {},
+        );
+        let lb = &d.frontends[&key("1.2.3.4", 80, 6, SCOPE_EXTERNAL)];
+        assert_eq!(lb.flags & SVC_F_SRC_RANGES, SVC_F_SRC_RANGES);
+        assert_eq!(
+            d.src_ranges[&lb.group],
+            BTreeSet::from([(ip("203.0.113.0"), 28)])
+        );
+        for (a, p) in [("192.168.0.2", 30080), ("192.168.99.10", 80)] {
+            assert_eq!(
+                d.frontends[&key(a, p, 6, SCOPE_EXTERNAL)].flags & SVC_F_SRC_RANGES,
+                0,
+                "{a}"
+            );
+        }
+        // Every listed range invalid: still restricted, with no entries (nobody allowed).
+        let d = desired_state(
+            &inventory(TrafficPolicy::Cluster, Some(vec![])),
+            &node(),
+            &mut |_| {},
+        );
+        let lb = &d.frontends[&key("1.2.3.4", 80, 6, SCOPE_EXTERNAL)];
+        assert_eq!(lb.flags & SVC_F_SRC_RANGES, SVC_F_SRC_RANGES);
+    }
 }

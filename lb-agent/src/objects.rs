@@ -107,6 +107,11 @@ pub struct ServiceInfo {
     pub lb_ips: Vec<IpAddr>,
     pub maglev_table_size: Option<u32>,
     pub traffic_distribution: Option<TrafficDistribution>,
+    /// loadBalancerSourceRanges: `None` when unset (everyone may connect); `Some` (possibly
+    /// empty when every entry was invalid: nobody may) restricts the LoadBalancer IPs.
+    pub source_ranges: Option<Vec<(IpAddr, u8)>>,
+    /// healthCheckNodePort (externalTrafficPolicy: Local).
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,6 +167,8 @@ pub enum Invalid {
     BadIp(String),
     #[error("invalid port {0} (must be 1-65535)")]
     BadPort(i32),
+    #[error("invalid CIDR {0:?}")]
+    BadCidr(String),
     #[error("unknown protocol {0:?}")]
     BadProtocol(String),
     #[error("missing label {LABEL_SERVICE_NAME}")]
@@ -204,6 +211,34 @@ pub enum ServiceOutcome {
 /// can never be read as octal (CVE-2021-29923).
 pub fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
     s.trim().parse().map_err(|_| Invalid::BadIp(s.to_string()))
+}
+
+/// `a.b.c.d/n` or `v6/n`, surrounding spaces trimmed; the address is masked to the prefix.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), Invalid> {
+    let bad = || Invalid::BadCidr(s.to_string());
+    let (a, n) = s.trim().split_once('/').ok_or_else(bad)?;
+    let ip = parse_ip(a).map_err(|_| bad())?;
+    let n: u8 = n.trim().parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if n > max || a.trim() != a || n.to_string() != n_text(s) {
+        return Err(bad());
+    }
+    let masked = match ip {
+        IpAddr::V4(v) => {
+            IpAddr::V4((u32::from(v) & u32::MAX.checked_shl(32 - u32::from(n)).unwrap_or(0)).into())
+        }
+        IpAddr::V6(v) => IpAddr::V6(
+            (u128::from(v) & u128::MAX.checked_shl(128 - u32::from(n)).unwrap_or(0)).into(),
+        ),
+    };
+    Ok((masked, n))
+}
+
+fn n_text(s: &str) -> &str {
+    s.trim()
+        .rsplit_once('/')
+        .map(|(_, n)| n)
+        .unwrap_or_default()
 }
 
 fn parse_port(p: i32) -> Result<u16, Invalid> {
@@ -362,6 +397,29 @@ pub fn service(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<ServiceOut
         lb_ips,
         maglev_table_size,
         traffic_distribution: traffic_distribution(spec.traffic_distribution.as_deref(), warn),
+        source_ranges: spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .filter(|r| !r.is_empty())
+            .map(|ranges| {
+                ranges
+                    .iter()
+                    .filter_map(|r| match parse_cidr(r) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            warn(format!(
+                                "loadBalancerSourceRanges: {e}; ignored (it never widens access)"
+                            ));
+                            None
+                        }
+                    })
+                    .collect()
+            }),
+        health_check_node_port: spec
+            .health_check_node_port
+            .filter(|&p| p != 0)
+            .map(parse_port)
+            .transpose()?,
     }))
 }
 
@@ -562,4 +620,31 @@ fn object_label(
         meta.namespace.as_deref().unwrap_or("default"),
         meta.name.as_deref().unwrap_or("<unnamed>")
     )
+}
+
+#[cfg(test)]
+mod cidr_tests {
+    use super::parse_cidr;
+
+    #[test]
+    fn cidrs_are_trimmed_and_strict() {
+        assert_eq!(
+            parse_cidr(" 203.0.113.5/28 ").unwrap(),
+            ("203.0.113.0".parse().unwrap(), 28)
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1/64").unwrap(),
+            ("2001:db8::".parse().unwrap(), 64)
+        );
+        for bad in [
+            "not-a-cidr",
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "010.0.0.0/8",
+            "10.0.0.0 / 8",
+            "10.0.0.0/+8",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
 }

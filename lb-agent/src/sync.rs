@@ -25,6 +25,17 @@ pub trait Datapath {
     fn del_table(&mut self, id: u32) -> Result<(), Self::Error>;
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), Self::Error>;
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), Self::Error>;
+    /// Adds (`present`) or removes a loadBalancerSourceRanges entry of table `group`. The
+    /// default (test doubles without a source-range map) accepts and ignores it.
+    fn set_src_range(
+        &mut self,
+        _group: u32,
+        _net: std::net::IpAddr,
+        _prefix: u8,
+        _present: bool,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// What a previous agent left in pinned maps, read back at start.
@@ -87,6 +98,8 @@ pub struct Reconciler {
     /// Tables adopted from a previous agent whose group identity is unknown: deleted once the
     /// first sync has repointed every frontend at a fresh table.
     orphan_groups: Vec<u32>,
+    /// Source-range entries written: (group id, network, prefix).
+    ranges: BTreeSet<(u32, std::net::IpAddr, u8)>,
     /// How long a changed table keeps each moved slot's previous owner (0: never).
     prev_window: Duration,
 }
@@ -111,6 +124,7 @@ impl Reconciler {
             groups: BTreeMap::new(),
             frontends: BTreeMap::new(),
             orphan_groups: Vec::new(),
+            ranges: BTreeSet::new(),
             prev_window: Duration::ZERO,
         }
     }
@@ -232,7 +246,32 @@ impl Reconciler {
             }
         }
 
-        // 3. Frontends pointing at those tables.
+        // 3. Source ranges before the frontends that check them, stale ones after.
+        let want_ranges: BTreeSet<(u32, std::net::IpAddr, u8)> = desired
+            .src_ranges
+            .iter()
+            .filter_map(|(g, r)| self.groups.get(g).map(|a| (a.id, r)))
+            .flat_map(|(id, r)| r.iter().map(move |(net, p)| (id, *net, *p)))
+            .collect();
+        for &(id, net, p) in want_ranges.difference(&self.ranges.clone()) {
+            match dp.set_src_range(id, net, p, true) {
+                Ok(()) => {
+                    st.writes += 1;
+                    self.ranges.insert((id, net, p));
+                }
+                Err(e) => fail(&mut st, format!("source range {net}/{p}: {e}")),
+            }
+        }
+        let stale_ranges: Vec<_> = self.ranges.difference(&want_ranges).copied().collect();
+        for (id, net, p) in stale_ranges {
+            st.writes += 1;
+            if let Err(e) = dp.set_src_range(id, net, p, false) {
+                fail(&mut st, format!("remove source range {net}/{p}: {e}"));
+            }
+            self.ranges.remove(&(id, net, p));
+        }
+
+        // 4. Frontends pointing at those tables.
         for (key, fe) in &desired.frontends {
             let Some(g) = self.groups.get(&fe.group) else {
                 continue;
@@ -260,7 +299,7 @@ impl Reconciler {
             }
         }
 
-        // 4. Removals, in reverse dependency order.
+        // 5. Removals, in reverse dependency order.
         let stale: Vec<SvcKey> = self
             .frontends
             .keys()

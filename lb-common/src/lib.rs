@@ -6,6 +6,7 @@
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 pub mod addr;
+pub mod ct;
 pub mod hash;
 pub mod maps;
 pub mod types;

@@ -13,8 +13,28 @@ pub const REV_SK: &str = "KPLB_REV_SK";
 /// Per-CPU datapath counters indexed by [`crate::Counter`].
 pub const STATS: &str = "KPLB_STATS";
 
+/// North-south conntrack (LRU): [`crate::ct::CtKey`] -> [`crate::ct::CtVal`]. Capacity is
+/// `--conntrack-max` (set at load time); this is the object's default.
+pub const CT: &str = "KPLB_CT";
+/// First fragments of translated datagrams: [`crate::ct::FragKey`] -> [`crate::ct::FragVal`].
+pub const FRAG: &str = "KPLB_FRAG";
+/// Runtime configuration, one [`crate::ct::Config`] at index 0.
+pub const CONFIG: &str = "KPLB_CONFIG";
+/// loadBalancerSourceRanges (LPM trie): [`crate::ct::SrcRangeKey`] -> `u8` (1).
+pub const SRC_RANGES: &str = "KPLB_SRC_RANGE";
+
+/// Per-CPU scratch slot of the north-south programs (parsed headers); private to one loaded
+/// object, never pinned.
+pub const SCRATCH: &str = "KPLB_SCRATCH";
+
 /// Every map the agent pins under `--bpffs-dir`, in creation order.
-pub const ALL: [&str; 5] = [SERVICES, BACKENDS, MAGLEV, REV_SK, STATS];
+pub const ALL: [&str; 9] = [
+    SERVICES, BACKENDS, MAGLEV, REV_SK, STATS, CT, FRAG, CONFIG, SRC_RANGES,
+];
+
+pub const DEFAULT_CT_MAX: u32 = 262_144;
+pub const MAX_FRAGS: u32 = 16_384;
+pub const MAX_SRC_RANGES: u32 = 16_384;
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;

@@ -38,6 +38,15 @@ pub struct SvcVal {
 
 /// sessionAffinity: ClientIP. The selection hash ignores the client port.
 pub const SVC_F_AFFINITY: u32 = 1 << 0;
+/// externalTrafficPolicy: Local (external scope): only local backends; with none, drop (other
+/// nodes may have one) instead of rejecting.
+pub const SVC_F_EXT_LOCAL: u32 = 1 << 1;
+/// loadBalancerSourceRanges: the client must match the frontend group's entries in
+/// [`crate::maps::SRC_RANGES`], else the packet is dropped.
+pub const SVC_F_SRC_RANGES: u32 = 1 << 2;
+/// Marker entry `{addr, port 0, proto 0, SCOPE_EXTERNAL}`: the address is a LoadBalancer or
+/// external IP, so traffic to a port no service uses is rejected (not routed on).
+pub const SVC_F_FRONTEND_IP: u32 = 1 << 3;
 
 /// A backend (endpoint address + targetPort).
 #[repr(C)]
@@ -98,6 +107,26 @@ pub mod counter {
     pub const SOCK_REV_XLATE: u32 = 2;
     /// Frontend found but its table or backend entry was missing (transient during sync).
     pub const SOCK_MISS: u32 = 3;
+    /// XDP: a new flow was translated (conntrack entry created).
+    pub const XDP_NEW: u32 = 4;
+    /// XDP/tc: a conntrack hit was translated.
+    pub const XDP_CT_HIT: u32 = 5;
+    /// XDP: RST / ICMP unreachable sent for a frontend without endpoints or an unknown port.
+    pub const XDP_REJECT: u32 = 6;
+    /// XDP: dropped (no local endpoint with policy Local, source range, unused service IP).
+    pub const XDP_DROP: u32 = 7;
+    /// XDP: malformed packet to a frontend, or a fragment without a tracked first fragment.
+    pub const XDP_BAD: u32 = 8;
+    /// XDP: a later fragment followed its first fragment's translation.
+    pub const XDP_FRAG: u32 = 9;
+    /// XDP: FIB lookup failed for a translated packet; handed to the kernel.
+    pub const XDP_FIB_MISS: u32 = 10;
+    /// tc egress: a reply from a local backend got the frontend as its source.
+    pub const TC_REV_XLATE: u32 = 11;
+    /// ICMP error about a translated flow was translated back.
+    pub const ICMP_XLATE: u32 = 12;
+    /// No free SNAT port for a new flow (dropped).
+    pub const SNAT_EXHAUSTED: u32 = 13;
     pub const COUNT: u32 = 16;
 }
 

@@ -2,11 +2,24 @@
 #![no_std]
 #![no_main]
 
+mod csum;
+mod ct;
+mod frag;
+mod fwd;
+mod icmp;
 mod maps;
+mod nat;
+mod parse;
+mod reject;
 mod select;
 mod sock;
+mod tc;
+mod xdp;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
+};
 use sock::{Family, forward, reverse};
 
 #[cgroup_sock_addr(connect4)]
@@ -47,6 +60,24 @@ pub fn kplb_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn kplb_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Family::V6)
+}
+
+/// NodePort / LoadBalancer / external IP frontends on `--interfaces`.
+#[xdp]
+pub fn kplb_xdp(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx)
+}
+
+/// Reverse translation of local backends' replies on `--interfaces` (tc egress).
+#[classifier]
+pub fn kplb_tc_egress(ctx: TcContext) -> i32 {
+    tc::egress(&ctx)
+}
+
+/// Hands XDP-translated packets whose next hop needs neighbour resolution on (tc ingress).
+#[classifier]
+pub fn kplb_tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,15 +2,23 @@
 //! Names and capacities come from `lb_common::maps`; the agent pins each under `--bpffs-dir`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_COMMON_LRU,
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     Backend, MaglevSlot, RevSkKey, RevSkVal, SvcKey, SvcVal,
+    ct::{Config, CtKey, CtVal, FragKey, FragVal, SrcRangeKey},
     maps::{
-        MAGLEV_DEFAULT_SIZE, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_GROUPS, MAX_REV_SK, MAX_SERVICES,
+        DEFAULT_CT_MAX, MAGLEV_DEFAULT_SIZE, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_FRAGS,
+        MAX_GROUPS, MAX_REV_SK, MAX_SERVICES, MAX_SRC_RANGES,
     },
     types::counter,
+};
+
+use crate::{
+    nat::Tuple,
+    parse::{Hdr, Skip, parse_into},
 };
 
 #[btf_map(name = "KPLB_SVC")]
@@ -32,6 +40,66 @@ pub static REV_SK: LruHashMap<RevSkKey, RevSkVal, { MAX_REV_SK as usize }> = Lru
 
 #[btf_map(name = "KPLB_STATS")]
 pub static STATS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+/// North-south conntrack; the agent sets the real capacity (`--conntrack-max`) at load time.
+/// Per-CPU LRU lists: inserts of new flows never contend on one global list lock.
+#[btf_map(name = "KPLB_CT")]
+pub static CT: LruHashMap<
+    CtKey,
+    CtVal,
+    { DEFAULT_CT_MAX as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "KPLB_FRAG")]
+pub static FRAGS: LruHashMap<FragKey, FragVal, { MAX_FRAGS as usize }> = LruHashMap::new();
+
+#[btf_map(name = "KPLB_CONFIG")]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map(name = "KPLB_SRC_RANGE")]
+pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8, { MAX_SRC_RANGES as usize }> = LpmTrie::new();
+
+/// Per-packet working state kept in a per-CPU map instead of the 512-byte stack.
+pub struct Scratch {
+    pub hdr: Hdr,
+    /// Original-direction conntrack key and value of the packet's flow.
+    pub fkey: CtKey,
+    pub v: CtVal,
+    /// Reply-direction key and value (new flows).
+    pub rkey: CtKey,
+    pub r: CtVal,
+    /// Addresses/ports the packet is translated to.
+    pub to: Tuple,
+}
+
+#[btf_map(name = "KPLB_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// Parses the frame into this CPU's scratch slot and returns it. The verifier does not track
+/// map contents, so every parse path (VLAN or not, IPv4 options, each IPv6 extension-header
+/// chain) continues with the same abstract state and the rest of the program is verified once
+/// instead of once per path; it also keeps the headers off the 512-byte stack.
+#[inline(always)]
+pub fn parsed(data: usize, end: usize, len: usize) -> Result<&'static mut Scratch, Skip> {
+    let p = SCRATCH.get_ptr_mut(0).ok_or(Skip::NotIp)?;
+    // SAFETY: per-CPU slot owned by this program invocation (programs are not re-entered on
+    // one CPU while they run).
+    match parse_into(data, end, len, unsafe { &raw mut (*p).hdr }) {
+        0 => {
+            // SAFETY: as above; the headers were just written.
+            Ok(unsafe { &mut *p })
+        }
+        1 => Err(Skip::NotIp),
+        _ => Err(Skip::Malformed),
+    }
+}
+
+/// The agent's runtime settings (an all-zero default before it writes them).
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
 
 #[inline(always)]
 pub fn count(idx: u32) {

@@ -2,6 +2,8 @@
 //! builders for Services and EndpointSlices.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod pkt;
+
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use k8s_openapi::{

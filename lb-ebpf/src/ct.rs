@@ -1,0 +1,105 @@
+//! Conntrack on the north-south path: lookups that treat expired entries as misses, TCP-state
+//! aware refresh, and entry creation. The agent's GC deletes expired entries; an LRU map keeps
+//! the datapath from ever failing an insert when the table is full.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    IPPROTO_TCP,
+    ct::{CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_UDP, Config, CtKey, CtVal},
+};
+
+use crate::{
+    maps::{BACKENDS, CT},
+    parse::{Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+const NS: u64 = 1_000_000_000;
+/// An entry's expiry is rewritten at most this often (saves cache-line bouncing on hot flows).
+const REFRESH_NS: u64 = NS;
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: no arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn key_of(h: &Hdr) -> CtKey {
+    CtKey {
+        src: h.src,
+        dst: h.dst,
+        sport: h.sport,
+        dport: h.dport,
+        proto: h.proto,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtVal> {
+    CT.get_ptr_mut(key)
+}
+
+#[inline(always)]
+pub fn backend_exists(id: u32) -> bool {
+    BACKENDS.get_ptr(id).is_some()
+}
+
+/// State after seeing a packet with these TCP flags.
+#[inline(always)]
+pub fn next_state(state: u8, h: &Hdr) -> u8 {
+    if h.proto != IPPROTO_TCP {
+        return CT_UDP;
+    }
+    let f = h.tcp_flags;
+    if f & (TCP_FIN | TCP_RST) != 0 || state == CT_CLOSING {
+        CT_CLOSING
+    } else if f & TCP_SYN != 0 && f & TCP_ACK == 0 {
+        CT_NEW
+    } else {
+        CT_ESTABLISHED
+    }
+}
+
+#[inline(always)]
+pub fn timeout_ns(cfg: &Config, state: u8) -> u64 {
+    let s = match state {
+        CT_NEW => cfg.timeout_syn_s,
+        CT_ESTABLISHED => cfg.timeout_established_s,
+        CT_CLOSING => cfg.timeout_closing_s,
+        _ => cfg.timeout_udp_s,
+    };
+    u64::from(s) * NS
+}
+
+/// Refreshes state and expiry of a hit entry; writes only when something changes noticeably.
+#[inline(always)]
+pub fn touch(v: *mut CtVal, cur: &CtVal, cfg: &Config, h: &Hdr, now: u64) {
+    let state = next_state(cur.state, h);
+    let expires = now + timeout_ns(cfg, state);
+    if state != cur.state || expires > cur.expires + REFRESH_NS {
+        // SAFETY: v points into a live map value; racing writers only write the same fields
+        // with equally valid values.
+        unsafe {
+            (*v).state = state;
+            (*v).expires = expires;
+        }
+    }
+}
+
+/// A new entry for `h` (state from its flags).
+#[inline(always)]
+pub fn new_val(cfg: &Config, h: &Hdr, now: u64, backend_id: u32, flags: u8) -> CtVal {
+    let state = next_state(CT_NEW, h);
+    CtVal {
+        nat_addr: [0; 4],
+        nat2_addr: [0; 4],
+        expires: now + timeout_ns(cfg, state),
+        backend_id,
+        nat_port: 0,
+        nat2_port: 0,
+        state,
+        flags,
+        _pad: [0; 6],
+    }
+}

@@ -1,0 +1,327 @@
+//! XDP on the external interfaces: NodePort, LoadBalancer and external IP frontends
+//! (`SCOPE_EXTERNAL` entries), replies of SNATed flows, REJECT/DROP like kube-proxy.
+//!
+//! Order of checks per TCP/UDP packet: frontend lookup (hit: conntrack, else Maglev pick),
+//! then conntrack for replies addressed to this node, then "known frontend IP on an unknown
+//! port" (reject) and the service CIDR (drop). Everything else is left to the kernel.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_NOEXIST,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
+    btf_maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use lb_common::{
+    BACKEND_F_LOCAL, Backend, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_AFFINITY,
+    SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
+    ct::{CFG_F_SVC_CIDR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal, SrcRangeKey},
+    hash::flow_hash,
+    types::counter,
+};
+
+use crate::{
+    ct, frag, fwd, icmp,
+    maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, config, count, parsed},
+    nat::{self, Tuple},
+    parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, Skip, TCP_ACK, TCP_SYN},
+    reject::reject,
+    select,
+};
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let s = match parsed(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
+        Ok(s) => s,
+        Err(Skip::NotIp) => return XDP_PASS,
+        Err(Skip::Malformed) => {
+            count(counter::XDP_BAD);
+            return XDP_PASS;
+        }
+    };
+    let Some(cfg) = config() else { return XDP_PASS };
+    let h = &s.hdr;
+    match h.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {}
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => return icmp::inbound(ctx, h),
+        _ => return XDP_PASS,
+    }
+    if h.frag == Frag::Later {
+        return frag::follow(ctx, h);
+    }
+    let key = SvcKey {
+        addr: h.dst,
+        port: h.dport,
+        proto: h.proto,
+        scope: SCOPE_EXTERNAL,
+    };
+    if let Some(svc) = select::lookup(&key) {
+        return frontend(ctx, s, &svc, cfg);
+    }
+    let v = reply(ctx, h, cfg);
+    if v != NOT_A_REPLY {
+        return v;
+    }
+    other(ctx, h, cfg)
+}
+
+/// Not a frontend port: reject on LoadBalancer/external IPs, drop unused service IPs.
+#[inline(never)]
+fn other(ctx: &XdpContext, h: &Hdr, cfg: &Config) -> u32 {
+    let marker = SvcKey {
+        addr: h.dst,
+        port: 0,
+        proto: 0,
+        scope: SCOPE_EXTERNAL,
+    };
+    if let Some(m) = select::lookup(&marker)
+        && m.flags & SVC_F_FRONTEND_IP != 0
+    {
+        count(counter::XDP_REJECT);
+        return reject(ctx, h);
+    }
+    if cfg.flags & CFG_F_SVC_CIDR != 0
+        && (in_net(&h.dst, &cfg.svc_net[0], &cfg.svc_mask[0])
+            || in_net(&h.dst, &cfg.svc_net[1], &cfg.svc_mask[1]))
+    {
+        count(counter::XDP_DROP);
+        return XDP_DROP;
+    }
+    XDP_PASS
+}
+
+#[inline(always)]
+fn in_net(a: &[u32; 4], net: &[u32; 4], mask: &[u32; 4]) -> bool {
+    mask[0] | mask[1] | mask[2] | mask[3] != 0
+        && a[0] & mask[0] == net[0]
+        && a[1] & mask[1] == net[1]
+        && a[2] & mask[2] == net[2]
+        && a[3] & mask[3] == net[3]
+}
+
+/// A reply of a translated flow addressed to this node (SNAT): back to the client with the
+/// frontend as source.
+const NOT_A_REPLY: u32 = u32::MAX;
+
+#[inline(never)]
+fn reply(ctx: &XdpContext, h: &Hdr, cfg: &Config) -> u32 {
+    reply_inner(ctx, h, cfg).unwrap_or(NOT_A_REPLY)
+}
+
+#[inline(always)]
+fn reply_inner(ctx: &XdpContext, h: &Hdr, cfg: &Config) -> Option<u32> {
+    let node = if h.v6 { &cfg.node_ip6 } else { &cfg.node_ip4 };
+    if h.dst != *node {
+        return None;
+    }
+    let p = ct::lookup(&ct::key_of(h))?;
+    // SAFETY: copied out of a live map value.
+    let v = unsafe { *p };
+    if v.flags & CT_F_REPLY == 0 {
+        return None;
+    }
+    ct::touch(p, &v, cfg, h, ct::now());
+    let to = Tuple {
+        src: v.nat_addr,
+        sport: v.nat_port,
+        dst: v.nat2_addr,
+        dport: v.nat2_port,
+    };
+    nat::rewrite(ctx.data(), ctx.data_end(), h, &to)?;
+    frag::record(h, &to, v.flags);
+    count(counter::XDP_CT_HIT);
+    Some(fwd::forward(ctx, h, &to))
+}
+
+#[inline(always)]
+fn src_allowed(group: u32, src: &[u32; 4]) -> bool {
+    let key = Key::new(
+        160,
+        SrcRangeKey {
+            group_be: group.to_be(),
+            addr: *src,
+        },
+    );
+    SRC_RANGES.get(&key).is_some()
+}
+
+#[inline(never)]
+fn frontend(ctx: &XdpContext, s: &mut Scratch, svc: &SvcVal, cfg: &Config) -> u32 {
+    let h = &s.hdr;
+    if svc.flags & SVC_F_SRC_RANGES != 0 && !src_allowed(svc.group_id, &h.src) {
+        count(counter::XDP_DROP);
+        return XDP_DROP;
+    }
+    let now = ct::now();
+    s.fkey = ct::key_of(h);
+    if let Some(p) = ct::lookup(&s.fkey) {
+        // SAFETY: copied out of a live map value.
+        s.v = unsafe { *p };
+        if s.v.flags & CT_F_REPLY == 0 && s.v.expires > now && ct::backend_exists(s.v.backend_id) {
+            ct::touch(p, &s.v, cfg, &s.hdr, now);
+            count(counter::XDP_CT_HIT);
+            return translate(ctx, s);
+        }
+    }
+    if svc.backend_count == 0 {
+        if svc.flags & SVC_F_EXT_LOCAL != 0 {
+            count(counter::XDP_DROP);
+            return XDP_DROP;
+        }
+        count(counter::XDP_REJECT);
+        return reject(ctx, &s.hdr);
+    }
+    match new_flow(s, svc, cfg, now) {
+        0 => {
+            count(counter::XDP_NEW);
+            translate(ctx, s)
+        }
+        verdict => verdict,
+    }
+}
+
+/// Picks a backend for a new flow and writes both conntrack entries; 0 when the packet is to
+/// be translated with `s.v`, else the verdict.
+// The map helpers get pointers into the scratch map on purpose: a by-value key or value would
+// be copied onto the 512-byte stack first.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
+    let h = &s.hdr;
+    let hash = flow_hash(
+        &h.src,
+        &h.dst,
+        h.sport,
+        h.dport,
+        h.proto,
+        svc.flags & SVC_F_AFFINITY != 0,
+    );
+    // A TCP packet that is not a connection attempt belongs to a flow established before the
+    // table changed: prefer the slot's previous owner while it still exists.
+    let mid_flow =
+        h.proto == IPPROTO_TCP && (h.tcp_flags & TCP_SYN == 0 || h.tcp_flags & TCP_ACK != 0);
+    let Some((id, b)) = pick(svc, hash, mid_flow) else {
+        count(counter::SOCK_MISS);
+        return XDP_PASS;
+    };
+    if addr::to_v4_word(&b.addr).is_some() == h.v6 {
+        count(counter::XDP_BAD); // family mismatch: never write a mangled address
+        return XDP_DROP;
+    }
+    s.v = ct::new_val(cfg, h, now, id, 0);
+    s.v.nat_addr = b.addr;
+    s.v.nat_port = b.port;
+    // The reply entry: backend -> (node or client), translated back to frontend -> client.
+    s.r = ct::new_val(cfg, h, now, id, CT_F_REPLY);
+    s.r.nat_addr = h.dst;
+    s.r.nat_port = h.dport;
+    s.rkey = CtKey {
+        src: b.addr,
+        dst: h.src,
+        sport: b.port,
+        dport: h.sport,
+        proto: h.proto,
+        _pad: [0; 3],
+    };
+    if b.flags & BACKEND_F_LOCAL != 0 {
+        s.v.flags |= CT_F_LOCAL;
+        s.r.flags |= CT_F_LOCAL;
+        if CT.insert(&s.rkey, &s.r, 0).is_err() {
+            return XDP_DROP;
+        }
+    } else {
+        let node = if h.v6 { cfg.node_ip6 } else { cfg.node_ip4 };
+        s.r.flags |= CT_F_SNAT;
+        s.r.nat2_addr = h.src;
+        s.r.nat2_port = h.sport;
+        s.rkey.dst = node;
+        let port = snat_port(cfg, &mut s.rkey, &s.r, hash, now);
+        if port == 0 {
+            count(counter::SNAT_EXHAUSTED);
+            return XDP_DROP;
+        }
+        s.v.flags |= CT_F_SNAT;
+        s.v.nat2_addr = node;
+        s.v.nat2_port = port;
+    }
+    if CT.insert(&s.fkey, &s.v, 0).is_err() {
+        return XDP_DROP;
+    }
+    0
+}
+
+/// Applies the original-direction entry `s.v` and sends the packet on.
+#[inline(always)]
+fn translate(ctx: &XdpContext, s: &mut Scratch) -> u32 {
+    let (h, v) = (&s.hdr, &s.v);
+    s.to = Tuple {
+        src: h.src,
+        sport: h.sport,
+        dst: v.nat_addr,
+        dport: v.nat_port,
+    };
+    if v.flags & CT_F_SNAT != 0 {
+        s.to.src = v.nat2_addr;
+        s.to.sport = v.nat2_port;
+    }
+    if nat::rewrite(ctx.data(), ctx.data_end(), h, &s.to).is_none() {
+        return XDP_DROP;
+    }
+    frag::record(h, &s.to, v.flags);
+    if v.flags & CT_F_LOCAL != 0 {
+        return XDP_PASS;
+    }
+    fwd::forward(ctx, h, &s.to)
+}
+
+/// Picks the backend: the slot's owner, or its previous owner for mid-flow TCP packets.
+#[inline(always)]
+fn pick(svc: &SvcVal, hash: u32, mid_flow: bool) -> Option<(u32, Backend)> {
+    if svc.table_size == 0 {
+        return None;
+    }
+    let slot = hash % svc.table_size;
+    // SAFETY: inner tables are arrays (stable slots); copied out.
+    let s = unsafe { MAGLEV.get_value(&svc.group_id, &slot) }.copied()?;
+    if mid_flow && s.prev != 0 {
+        // SAFETY: copied out immediately.
+        if let Some(b) = unsafe { BACKENDS.get(s.prev) } {
+            return Some((s.prev, *b));
+        }
+    }
+    // SAFETY: copied out immediately.
+    let b = unsafe { BACKENDS.get(s.backend) }?;
+    Some((s.backend, *b))
+}
+
+/// A free SNAT source port (network order, 0 for none) for this backend; writes the reply
+/// entry under it. Ports are tried
+/// from the flow hash, so a re-created flow gets its old port back.
+#[allow(clippy::needless_borrows_for_generic_args)] // see new_flow
+#[inline(never)]
+fn snat_port(cfg: &Config, rkey: &mut CtKey, r: &CtVal, hash: u32, now: u64) -> u16 {
+    if rkey.dst == [0; 4] || cfg.snat_port_min == 0 || cfg.snat_port_max < cfg.snat_port_min {
+        return 0;
+    }
+    let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
+    for i in 0..4u32 {
+        let port = (cfg.snat_port_min
+            + ((hash.wrapping_add(i.wrapping_mul(0x9e37_79b1))) % range) as u16)
+            .to_be();
+        rkey.dport = port;
+        let (free, flags) = match ct::lookup(rkey) {
+            None => (true, u64::from(BPF_NOEXIST)),
+            // SAFETY: reads of a live map value. An expired entry, or this client's own
+            // earlier entry, may be replaced.
+            Some(p) => unsafe {
+                let same = (*p).nat2_addr == r.nat2_addr && (*p).nat2_port == r.nat2_port;
+                ((*p).expires <= now || same, 0)
+            },
+        };
+        if free && CT.insert(&*rkey, r, flags).is_ok() {
+            return port;
+        }
+    }
+    0
+}

@@ -1,0 +1,127 @@
+//! The synthetic cluster every dataplane is built from: `n` ClusterIP Services of one TCP port
+//! (80 -> 8080) with 10 endpoints each. The measured Service is the last one (`n - 1`), the one a
+//! linear rule walk reaches last; its endpoints are the lab's 10 netexec pods. Every other
+//! endpoint is a distinct address in 10.128.0.0/9 that nothing answers (never connected to).
+
+use std::{fmt::Write as _, fs, net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+use lb_tests::manifests::{Endpoint, EndpointSlice, Port, Protocol, Service};
+
+pub const PORT: u16 = 80;
+pub const TARGET_PORT: u16 = 8080;
+pub const ENDPOINTS: usize = 10;
+pub const NODE: &str = "node1";
+
+/// ClusterIP of service `i`: the (i+1)-th address of 172.30.0.0/16.
+pub fn vip(i: usize) -> Ipv4Addr {
+    let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
+    Ipv4Addr::from(0xac1e_0000 | (n & 0xffff))
+}
+
+/// The lab's real backend pods: 10.0.1.10 .. 10.0.1.19 on node1.
+pub fn pod_ip(j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 1, 10 + j as u8)
+}
+
+pub fn pod_name(j: usize) -> String {
+    format!("be{j}")
+}
+
+/// Endpoint `j` of service `i` in a cluster of `n`.
+pub fn endpoint(n: usize, i: usize, j: usize) -> Ipv4Addr {
+    if i + 1 == n {
+        pod_ip(j)
+    } else {
+        Ipv4Addr::from(0x0a80_0000 + (i * ENDPOINTS + j) as u32)
+    }
+}
+
+pub fn name(i: usize) -> String {
+    format!("svc-{i}")
+}
+
+/// Service `i` and its EndpointSlice with the first `endpoints` endpoints, as compact JSON
+/// documents (JSON is YAML; the agent reads multi-document files).
+pub fn documents(n: usize, i: usize, endpoints: usize, out: &mut String) -> Result<()> {
+    let svc_name = name(i);
+    let svc = Service::new(&svc_name)
+        .cluster_ip(&vip(i).to_string())
+        .port(Port::tcp(PORT, TARGET_PORT).named("http"))
+        .to_json();
+    let slice = (0..endpoints).fold(
+        EndpointSlice::new(&format!("{svc_name}-1"), &svc_name).port(
+            Some("http"),
+            Protocol::Tcp,
+            TARGET_PORT,
+        ),
+        |s, j| s.endpoint(Endpoint::ready_on(&endpoint(n, i, j).to_string(), NODE)),
+    );
+    for doc in [svc, slice.to_json()] {
+        out.push_str("---\n");
+        out.push_str(&serde_json::to_string(&doc).context("serializing a manifest")?);
+        out.push('\n');
+    }
+    Ok(())
+}
+
+/// Writes services `range` (each with all 10 endpoints) to `dir/file`, atomically (a dot-file
+/// renamed into place, so the agent never reads half a file).
+pub fn write_manifest(
+    dir: &Path,
+    file: &str,
+    n: usize,
+    range: std::ops::Range<usize>,
+) -> Result<()> {
+    let mut text = String::with_capacity(range.len() * 1200);
+    for i in range {
+        documents(n, i, ENDPOINTS, &mut text)?;
+    }
+    write_atomic(dir, file, &text)
+}
+
+pub fn write_atomic(dir: &Path, file: &str, text: &str) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".{file}.tmp"));
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, dir.join(file)).with_context(|| format!("renaming {}", tmp.display()))
+}
+
+/// kube-proxy names its chains with a 16-character base32 hash of the service port (and
+/// endpoint); this is the same shape from FNV-1a (the exact hash does not matter, only that
+/// names have the real length and are unique).
+pub fn chain_hash(s: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut h2 = h.rotate_left(29).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut out = String::with_capacity(16);
+    for k in 0..16 {
+        let v = if k < 12 { h } else { h2 };
+        let _ = out.write_char(ALPHABET[(v & 31) as usize] as char);
+        if k < 12 {
+            h >>= 5;
+        } else {
+            h2 >>= 5;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(vip(0), Ipv4Addr::new(172, 30, 0, 1));
+        assert_eq!(vip(29_999), Ipv4Addr::new(172, 30, 117, 48));
+        assert_eq!(endpoint(3, 2, 4), Ipv4Addr::new(10, 0, 1, 14));
+        assert_eq!(endpoint(3, 1, 0), Ipv4Addr::new(10, 128, 0, 10));
+        assert_eq!(chain_hash("a").len(), 16);
+        assert_ne!(chain_hash("a"), chain_hash("b"));
+    }
+}
