@@ -5,8 +5,6 @@ use lb_common::{Backend, SvcKey, SvcVal};
 use crate::maps::{BACKENDS, MAGLEV, SERVICES};
 
 pub enum Pick {
-    /// Not a service frontend: leave the traffic alone.
-    NotService,
     /// A frontend with no usable endpoints: reject like kube-proxy.
     NoBackends,
     /// Frontend known but its table or backend is missing (a transient state during sync).
@@ -38,13 +36,5 @@ pub fn pick(svc: &SvcVal, hash: u32) -> Pick {
     match unsafe { BACKENDS.get(id) } {
         Some(b) => Pick::Backend(*b),
         None => Pick::Miss,
-    }
-}
-
-#[inline(always)]
-pub fn resolve(key: &SvcKey, hash: u32) -> Pick {
-    match lookup(key) {
-        Some(svc) => pick(&svc, hash),
-        None => Pick::NotService,
     }
 }

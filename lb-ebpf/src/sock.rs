@@ -7,16 +7,20 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_socket_cookie, generated::bpf_set_retval},
+    helpers::{
+        bpf_get_socket_cookie,
+        generated::{bpf_get_netns_cookie, bpf_set_retval},
+    },
     programs::SockAddrContext,
 };
 use lb_common::{
-    RevSkKey, RevSkVal, SCOPE_INTERNAL, SvcKey, addr, hash::socket_hash, types::counter,
+    RevSkKey, RevSkVal, SCOPE_INTERNAL, SVC_F_AFFINITY, SvcKey, addr, hash::socket_hash,
+    types::counter,
 };
 
 use crate::{
     maps::{REV_SK, count},
-    select::{Pick, resolve},
+    select::{Pick, lookup, pick},
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -93,10 +97,21 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
     let Some(key) = dest_key(sa, family) else {
         return ALLOW;
     };
+    let Some(svc) = lookup(&key) else {
+        return ALLOW;
+    };
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    match resolve(&key, socket_hash(cookie)) {
-        Pick::NotService => ALLOW,
+    // sessionAffinity: ClientIP. A pod is one network namespace, so hashing its netns cookie
+    // sends all of the client's connections to the same backend (while the table is unchanged),
+    // without per-client state.
+    let hash = if svc.flags & SVC_F_AFFINITY != 0 {
+        // SAFETY: helper valid for sock_addr programs.
+        socket_hash(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+    } else {
+        socket_hash(cookie)
+    };
+    match pick(&svc, hash) {
         Pick::Miss => {
             count(counter::SOCK_MISS);
             ALLOW

@@ -24,6 +24,10 @@ docker build -f manifests/Dockerfile -t "$IMAGE" .
 kind create cluster --name "$CLUSTER" --config manifests/kind-config.yaml --wait 120s
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 kubectl apply -k manifests/
+# The agent cannot use the kubernetes ClusterIP before it has programmed it: point it at the
+# control plane node directly.
+api_host=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$CLUSTER-control-plane")
+kubectl -n kube-system set env ds/kplb KUBERNETES_SERVICE_HOST="$api_host" KUBERNETES_SERVICE_PORT=6443
 kubectl -n kube-system rollout status daemonset/kplb --timeout=180s
 
 kubectl apply -f tests/kind/workload.yaml
