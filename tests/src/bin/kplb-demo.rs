@@ -5,10 +5,27 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use lb_tests::{
-    Cluster, Lab, Request, poll_until,
+    Cluster, Lab, Request,
+    manifests::{EndpointSlice, Port, Protocol, Service, ServiceType},
+    poll_until,
     scenario::{self, BACKENDS, CLIENTS, VIP, ready, web_service, web_slice},
     tally,
 };
+
+const EXTERNAL: &str = "203.0.113.10";
+
+/// Service web-np: NodePort 30080 -> the same pods' 8080.
+fn nodeport_service() -> Vec<serde_json::Value> {
+    let svc = Service::new("web-np")
+        .type_(ServiceType::NodePort)
+        .cluster_ip("172.30.0.11")
+        .port(Port::tcp(80, 8080).named("http").node_port(30080));
+    let slice = ready(&BACKENDS).into_iter().fold(
+        EndpointSlice::new("web-np-1", "web-np").port(Some("http"), Protocol::Tcp, 8080),
+        EndpointSlice::endpoint,
+    );
+    vec![svc.to_json(), slice.to_json()]
+}
 
 fn spread(counts: &BTreeMap<String, usize>) -> String {
     counts
@@ -36,12 +53,16 @@ fn main() -> Result<()> {
         lab.add_pod(node, name, ip, None)?;
         println!("  client  {name} on node{node}: {ip}");
     }
+    lab.add_external_client("ext", EXTERNAL)?;
+    println!("  external client ext: {EXTERNAL} (outside the cluster, on the nodes' network)");
     let mut c = Cluster::new(lab)?;
     c.write("web.yaml", &[web_service(), web_slice(ready(&BACKENDS))])?;
+    c.write("web-np.yaml", &nodeport_service())?;
     println!(
         "\nService default/web: {VIP}:80/TCP -> 8080, {VIP}:53/UDP -> 5353, {VIP}:9090/TCP -> 8081; EndpointSlice with 3 pods"
     );
-    c.start_agents(&[], Duration::from_secs(30))?;
+    // Generic XDP: native XDP_TX on a veth needs NAPI on its peer, which the lab does not set up.
+    c.start_agents(&["--xdp-mode", "generic"], Duration::from_secs(30))?;
     println!(
         "lb-agent running on node1 and node2 (standalone mode, manifests in {})",
         c.manifests_dir().display()
@@ -66,6 +87,27 @@ fn main() -> Result<()> {
         let udp = tally(&c.lab.udp(client, &format!("{VIP}:53"), "hostname", 60)?);
         println!("   spread over 60 UDP datagrams:   {}", spread(&udp));
     }
+
+    println!(
+        "\n-- north-south: {EXTERNAL} to NodePort 30080 on each node (XDP, externalTrafficPolicy Cluster) --"
+    );
+    for node_ip in ["192.168.0.2", "192.168.0.3"] {
+        let target = format!("{node_ip}:30080");
+        let spread_np = tally(&c.lab.http("ext", &target, "/hostname", 30)?);
+        println!("   via {target}, 30 connections: {}", spread(&spread_np));
+        let mut seen = BTreeMap::new();
+        for r in c.lab.http("ext", &target, "/whoami", 12)? {
+            let body = r.body.unwrap_or_default();
+            if let Some((pod, client)) = body.split_once(' ') {
+                let ip = client.rsplit_once(':').map_or(client, |(a, _)| a);
+                seen.insert(pod.to_owned(), ip.to_owned());
+            }
+        }
+        for (pod, client) in seen {
+            println!("      a backend ({pod}) saw the client as {client}");
+        }
+    }
+    println!("   (local backends see the client itself; remote ones see the entry node: SNAT)");
 
     println!("\n-- scale down: pod-c leaves the EndpointSlice --");
     c.write(

@@ -95,6 +95,8 @@ fn handle_http(mut stream: TcpStream, peer: SocketAddr, config: &Config) -> io::
     let (status, body) = match path {
         "/hostname" => (200, config.name.clone()),
         "/clientip" => (200, show(peer)),
+        // Both on one connection, so a client can pair a backend with the address it saw.
+        "/whoami" => (200, format!("{} {}", config.name, show(peer))),
         "/localaddr" => (200, show(stream.local_addr()?)),
         "/echo" => (200, query_param(query, "msg").unwrap_or_default()),
         "/healthz" => (200, "ok".to_owned()),
