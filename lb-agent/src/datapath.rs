@@ -27,7 +27,7 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, MaglevSlot, SvcKey, SvcVal,
+    AffinityKey, AffinityVal, Backend, MaglevSlot, SvcKey, SvcVal,
     ct::{Config, CtKey, CtVal, SrcRangeKey},
     maps,
 };
@@ -145,6 +145,7 @@ pub struct BpfDatapath {
     ct: HashMap<MapData, CtKey, CtVal>,
     config: Array<MapData, Config>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    affinity: HashMap<MapData, AffinityKey, AffinityVal>,
 }
 
 fn take<T: TryFrom<Map, Error = MapError>>(
@@ -189,6 +190,7 @@ impl BpfDatapath {
             ct: take(&mut ebpf, maps::CT)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             src_ranges: take(&mut ebpf, maps::SRC_RANGES)?,
+            affinity: take(&mut ebpf, maps::AFFINITY)?,
             _ebpf: ebpf,
         })
     }
@@ -216,6 +218,11 @@ impl BpfDatapath {
     /// All conntrack entries (tests and diagnostics).
     pub fn ct_entries(&self) -> Vec<(CtKey, CtVal)> {
         self.ct.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The sessionAffinity map (tests and diagnostics).
+    pub fn affinity_map(&mut self) -> &mut HashMap<MapData, AffinityKey, AffinityVal> {
+        &mut self.affinity
     }
 
     /// Deletes conntrack entries expired at `now_ns` (CLOCK_MONOTONIC) whose other direction
@@ -556,6 +563,35 @@ impl sync::Datapath for BpfDatapath {
 
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), DatapathError> {
         ignore_missing(self.services.remove(key), maps::SERVICES)
+    }
+
+    fn purge_affinity(&mut self, group: u32, keep: &[u32]) -> Result<(), DatapathError> {
+        self.purge_affinity_groups(&[(group, keep.to_vec())])
+    }
+
+    /// One pass over the affinity map (bounded by its capacity) for all groups; entries that
+    /// vanish meanwhile (LRU eviction, a concurrent update) are fine to miss.
+    fn purge_affinity_groups(&mut self, purges: &[(u32, Vec<u32>)]) -> Result<(), DatapathError> {
+        let purges: std::collections::HashMap<u32, &[u32]> =
+            purges.iter().map(|(g, k)| (*g, k.as_slice())).collect();
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                purges
+                    .get(&k.group_id)
+                    .is_some_and(|keep| !keep.contains(&v.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            ignore_missing(self.affinity.remove(k), maps::AFFINITY)?;
+        }
+        if !stale.is_empty() {
+            debug!(purged = stale.len(), "affinity pins purged");
+        }
+        Ok(())
     }
 }
 

@@ -36,6 +36,20 @@ pub trait Datapath {
     ) -> Result<(), Self::Error> {
         Ok(())
     }
+    /// Forgets the sessionAffinity pins of group `group` to backends other than `keep` (ids),
+    /// so clients of a backend that left the group (but may still serve another one) get a fresh
+    /// pick. Called after the group's new table is in place. The default (test doubles without
+    /// an affinity map) does nothing.
+    fn purge_affinity(&mut self, _group: u32, _keep: &[u32]) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    /// [`Datapath::purge_affinity`] for several `(group, keep)` at once (the BPF datapath
+    /// scans its map once for all of them).
+    fn purge_affinity_groups(&mut self, purges: &[(u32, Vec<u32>)]) -> Result<(), Self::Error> {
+        purges
+            .iter()
+            .try_for_each(|(group, keep)| self.purge_affinity(*group, keep))
+    }
 }
 
 /// What a previous agent left in pinned maps, read back at start.
@@ -63,6 +77,8 @@ struct AppliedGroup {
     backends: Option<Vec<BackendSpec>>,
     /// Until when the written table carries previous owners (see [`Reconciler::expire_prev`]).
     prev_until: Option<Instant>,
+    /// A frontend of the group has sessionAffinity (its clients may be pinned to backends).
+    affinity: bool,
 }
 
 /// Small id allocator: ids are never 0 and never reused while live.
@@ -196,6 +212,14 @@ impl Reconciler {
 
         // 2. Tables whose backend set changed (or are new).
         let mut emptied = Vec::new();
+        // (group id, its backends now) of affinity groups that lost backends.
+        let mut purge: Vec<(u32, Vec<BackendSpec>)> = Vec::new();
+        let affinity_groups: BTreeSet<&GroupKey> = desired
+            .frontends
+            .values()
+            .filter(|fe| fe.affinity_timeout_s != 0)
+            .map(|fe| &fe.group)
+            .collect();
         for (key, group) in &desired.groups {
             let applied = self
                 .groups
@@ -204,9 +228,19 @@ impl Reconciler {
                     id: self.group_ids.alloc(),
                     backends: None,
                     prev_until: None,
+                    affinity: false,
                 });
+            applied.affinity = affinity_groups.contains(key);
             if applied.backends.as_ref() == Some(&group.backends) {
                 continue;
+            }
+            // Affinity pins to backends that leave the group are dropped once the new table
+            // (or none) is in place.
+            if applied.affinity
+                && let Some(old) = &applied.backends
+                && old.iter().any(|b| !group.backends.contains(b))
+            {
+                purge.push((applied.id, group.backends.clone()));
             }
             let result = if group.backends.is_empty() {
                 // No table: the frontend's backend_count of 0 makes the programs reject. The
@@ -286,6 +320,7 @@ impl Reconciler {
                 table_size: fe.group.table_size,
                 backend_count: u32::try_from(count).unwrap_or(u32::MAX),
                 flags: fe.flags,
+                affinity_timeout: fe.affinity_timeout_s,
             };
             if self.frontends.get(key) == Some(&val) {
                 continue;
@@ -366,6 +401,10 @@ impl Reconciler {
                 st.writes += 1;
             }
             if let Some(g) = self.groups.remove(&key) {
+                if g.affinity {
+                    // The id may be reused by another service: none of its pins may survive.
+                    purge.push((g.id, Vec::new()));
+                }
                 self.group_ids.free(g.id);
             }
         }
@@ -379,7 +418,26 @@ impl Reconciler {
             // Adopted tables may or may not exist; a missing one is fine.
             let _ = dp.del_table(id);
             st.writes += 1;
+            // The id may be reused: drop the previous agent's pins of that group.
+            purge.push((id, Vec::new()));
             self.group_ids.free(id);
+        }
+        // Now that no table names them, forget the pins to backends that left their group
+        // (before the backends' ids can be freed and reused below).
+        let purges: Vec<(u32, Vec<u32>)> = purge
+            .iter()
+            .map(|(id, backends)| {
+                let keep = backends
+                    .iter()
+                    .filter_map(|b| self.backends.get(&backend_value(b)).copied())
+                    .collect();
+                (*id, keep)
+            })
+            .collect();
+        if !purges.is_empty()
+            && let Err(e) = dp.purge_affinity_groups(&purges)
+        {
+            fail(&mut st, format!("purge affinity pins: {e}"));
         }
         // Backends still named by a table that is in the maps (a kept one, or one whose
         // rebuild failed) stay until that table changes.

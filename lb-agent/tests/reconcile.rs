@@ -79,6 +79,8 @@ struct Fake {
     fail_if: Option<FailIf>,
     /// Broken invariants, with the operation after which they were seen.
     violations: Vec<String>,
+    /// `purge_affinity` calls: (operations done before it, group, backend ids kept).
+    purged: Vec<(usize, u32, BTreeSet<u32>)>,
 }
 
 /// A failure rule for [`Fake::fail_if`].
@@ -245,6 +247,12 @@ impl Datapath for Fake {
             m.frontends.remove(&k);
         })
     }
+
+    fn purge_affinity(&mut self, group: u32, keep: &[u32]) -> Result<(), MapFull> {
+        self.purged
+            .push((self.ops.len(), group, keep.iter().copied().collect()));
+        Ok(())
+    }
 }
 
 /// Applies and returns the stats and the errors reported.
@@ -284,6 +292,7 @@ fn assert_converged(fake: &Fake, d: &Desired) {
         let group = &d.groups[&fe.group];
         assert_eq!(v.table_size, fe.group.table_size, "{}", show_key(k));
         assert_eq!(v.flags, fe.flags, "{}", show_key(k));
+        assert_eq!(v.affinity_timeout, fe.affinity_timeout_s, "{}", show_key(k));
         assert_eq!(
             v.backend_count as usize,
             group.backends.len(),
@@ -585,6 +594,72 @@ fn removing_a_service_deletes_frontends_then_tables_then_unreferenced_backends()
 }
 
 #[test]
+fn affinity_pins_are_purged_when_their_backend_leaves_the_group() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    // b has sessionAffinity (10800 s by default), a and c have none.
+    assert_eq!(fake.maps.frontends[&b80()].affinity_timeout, 10_800);
+    assert_eq!(fake.maps.frontends[&a80()].affinity_timeout, 0);
+    assert!(fake.purged.is_empty(), "{:?}", fake.purged);
+    let (b_tcp, b_udp) = (
+        fake.maps.frontends[&b80()].group_id,
+        fake.maps.frontends[&b53()].group_id,
+    );
+
+    // A new endpoint moves nobody: no purge.
+    w.set_endpoints("b", &["10.0.1.3", "10.0.2.3", "10.0.2.4", "10.0.2.9"]);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    assert!(fake.purged.is_empty(), "{:?}", fake.purged);
+
+    // 10.0.2.4 leaves b (and a loses one too, without affinity): b's two groups are purged of
+    // everything but the remaining backends, after their new tables are in place.
+    w.set_endpoints("b", &["10.0.1.3", "10.0.2.3", "10.0.2.9"]);
+    w.set_endpoints("a", &["10.0.1.1"]);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    let keep = |port: u16| -> BTreeSet<u32> {
+        ["10.0.1.3", "10.0.2.3", "10.0.2.9"]
+            .iter()
+            .flat_map(|a| ids_of(&fake.maps, a))
+            .filter(|id| u16::from_be(fake.maps.backends[id].port) == port)
+            .collect()
+    };
+    let calls: BTreeMap<u32, BTreeSet<u32>> = fake
+        .purged
+        .iter()
+        .map(|(_, g, k)| (*g, k.clone()))
+        .collect();
+    assert_eq!(
+        calls,
+        BTreeMap::from([(b_tcp, keep(8080)), (b_udp, keep(5353))]),
+        "{:?}",
+        fake.purged
+    );
+    for (at, group, _) in &fake.purged {
+        let table_at = position(&fake.ops, |o| matches!(o, Op::SetTable(t, _) if t == group));
+        assert!(
+            table_at.iter().any(|i| i < at),
+            "purge of {group} before its table"
+        );
+    }
+
+    // Removing b drops every pin of its groups (their ids may be reused).
+    fake.purged.clear();
+    w.services.remove("b");
+    apply_ok(&mut r, &w.desired(), &mut fake);
+    let calls: BTreeSet<(u32, BTreeSet<u32>)> = fake
+        .purged
+        .iter()
+        .map(|(_, g, k)| (*g, k.clone()))
+        .collect();
+    assert_eq!(
+        calls,
+        BTreeSet::from([(b_tcp, BTreeSet::new()), (b_udp, BTreeSet::new())])
+    );
+}
+
+#[test]
 fn a_service_without_endpoints_keeps_its_frontend_and_loses_its_table() {
     let mut w = World::new();
     let mut fake = Fake::default();
@@ -791,6 +866,7 @@ fn adopting_cleans_up_leftovers() {
             table_size: 251,
             backend_count: 0,
             flags: 0,
+            affinity_timeout: 0,
         },
     );
 

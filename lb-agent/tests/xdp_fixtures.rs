@@ -17,8 +17,8 @@ use lb_agent::{
     sync::Datapath as _,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, MaglevSlot, SCOPE_EXTERNAL, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP,
-    SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
+    AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, MaglevSlot, SCOPE_EXTERNAL,
+    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
     ct::{CFG_F_SVC_CIDR, Config},
     hash::flow_hash,
 };
@@ -192,6 +192,7 @@ impl Fx {
             table_size: TABLE,
             backend_count: count,
             flags,
+            affinity_timeout: 0,
         };
         self.dp.set_frontend(&key, &val).unwrap();
     }
@@ -537,6 +538,109 @@ fn conntrack_keeps_flows_and_prev_owner() {
             ),
         ],
     );
+}
+
+/// sessionAffinity: ClientIP (kube-proxy semantics): a client's new flows within the timeout of
+/// its last one stay on its backend even when the table moves; after the timeout, or once that
+/// backend is gone, a fresh pick is made.
+#[test]
+fn client_ip_affinity_pins_and_expires() {
+    const GROUP: u32 = 7;
+    const TIMEOUT_S: u32 = 5;
+    let Some(mut fx) = Fx::new() else { return };
+    let b1 = fx.backend("10.0.1.5", 8080, true);
+    let b2 = fx.backend("10.0.1.6", 8080, true);
+    let svc = |fx: &mut Fx, owner: u32| {
+        fx.dp
+            .set_table(
+                GROUP,
+                &vec![
+                    MaglevSlot {
+                        backend: owner,
+                        prev: 0,
+                    };
+                    TABLE as usize
+                ],
+            )
+            .unwrap();
+        let key = SvcKey {
+            addr: a(NODE),
+            port: 30090u16.to_be(),
+            proto: 6,
+            scope: SCOPE_EXTERNAL,
+        };
+        let val = SvcVal {
+            group_id: GROUP,
+            table_size: TABLE,
+            backend_count: 2,
+            flags: SVC_F_AFFINITY,
+            affinity_timeout: TIMEOUT_S,
+        };
+        fx.dp.set_frontend(&key, &val).unwrap();
+    };
+    let pin = AffinityKey {
+        client: a(CLIENT),
+        group_id: GROUP,
+        kind: AFFINITY_CLIENT_IP,
+    };
+    let syn = |sport| Pkt::tcp(CLIENT, sport, NODE, 30090, SYN);
+    let case = |name, p: Pkt, to: &str| {
+        let out = with_dst(&p, to, 8080).build();
+        (name, p.build(), XDP_PASS, Some(out))
+    };
+
+    svc(&mut fx, b1);
+    table(
+        &mut fx,
+        vec![case(
+            "first flow -> table's pick b1",
+            syn(41000),
+            "10.0.1.5",
+        )],
+    );
+    assert_eq!(fx.dp.affinity_map().get(&pin, 0).unwrap().backend_id, b1);
+
+    // A backend change moves every slot to b2: the client keeps b1, another client does not.
+    svc(&mut fx, b2);
+    let other = Pkt::tcp("203.0.113.11", 41000, NODE, 30090, SYN);
+    table(
+        &mut fx,
+        vec![
+            case(
+                "second flow, other port -> still b1",
+                syn(41001),
+                "10.0.1.5",
+            ),
+            case("third flow -> still b1", syn(41002), "10.0.1.5"),
+            case("another client -> b2", other, "10.0.1.6"),
+        ],
+    );
+
+    // No connection for longer than the timeout: a fresh pick, which is then remembered.
+    let mut v = fx.dp.affinity_map().get(&pin, 0).unwrap();
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    v.last_ns = now.saturating_sub(u64::from(TIMEOUT_S + 1) * 1_000_000_000);
+    fx.dp.affinity_map().insert(pin, v, 0).unwrap();
+    table(
+        &mut fx,
+        vec![case("aged pin -> fresh pick b2", syn(41003), "10.0.1.6")],
+    );
+    assert_eq!(fx.dp.affinity_map().get(&pin, 0).unwrap().backend_id, b2);
+
+    // The pinned backend is deleted: a fresh pick at once.
+    svc(&mut fx, b1);
+    fx.dp.del_backend(b2).unwrap();
+    table(
+        &mut fx,
+        vec![case("pinned backend gone -> b1", syn(41004), "10.0.1.5")],
+    );
+    assert_eq!(fx.dp.affinity_map().get(&pin, 0).unwrap().backend_id, b1);
 }
 
 /// The RST the datapath builds: window 0, DF set, IP id 0.

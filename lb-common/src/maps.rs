@@ -23,13 +23,16 @@ pub const CONFIG: &str = "KPLB_CONFIG";
 /// loadBalancerSourceRanges (LPM trie): [`crate::ct::SrcRangeKey`] -> `u8` (1).
 pub const SRC_RANGES: &str = "KPLB_SRC_RANGE";
 
+/// sessionAffinity: ClientIP (LRU): [`crate::AffinityKey`] -> [`crate::AffinityVal`].
+pub const AFFINITY: &str = "KPLB_AFFINITY";
+
 /// Per-CPU scratch slot of the north-south programs (parsed headers); private to one loaded
 /// object, never pinned.
 pub const SCRATCH: &str = "KPLB_SCRATCH";
 
 /// Every map the agent pins under `--bpffs-dir`, in creation order.
-pub const ALL: [&str; 9] = [
-    SERVICES, BACKENDS, MAGLEV, REV_SK, STATS, CT, FRAG, CONFIG, SRC_RANGES,
+pub const ALL: [&str; 10] = [
+    SERVICES, BACKENDS, MAGLEV, REV_SK, STATS, CT, FRAG, CONFIG, SRC_RANGES, AFFINITY,
 ];
 
 pub const DEFAULT_CT_MAX: u32 = 262_144;
@@ -40,6 +43,8 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_GROUPS: u32 = 65_536;
 pub const MAX_REV_SK: u32 = 262_144;
+/// Clients x services remembered for sessionAffinity (the least recently used go first).
+pub const MAX_AFFINITY: u32 = 65_536;
 
 /// `BPF_F_INNER_MAP`: lets inner arrays of one outer map differ in `max_entries`, so each service
 /// can have its own Maglev table size.

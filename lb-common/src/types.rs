@@ -34,9 +34,15 @@ pub struct SvcVal {
     pub backend_count: u32,
     /// `SVC_F_*` bits.
     pub flags: u32,
+    /// sessionAffinity: ClientIP's `timeoutSeconds`; 0 without affinity (then
+    /// [`SVC_F_AFFINITY`] is clear too). A client's connections within this long of its last
+    /// one stay on its backend (see [`AffinityKey`]).
+    pub affinity_timeout: u32,
 }
 
-/// sessionAffinity: ClientIP. The selection hash ignores the client port.
+/// sessionAffinity: ClientIP (set exactly when `affinity_timeout` is non-zero). Clients are
+/// pinned through [`crate::maps::AFFINITY`]; the XDP selection hash also ignores the client port,
+/// so a client's first pick is the same on every node.
 pub const SVC_F_AFFINITY: u32 = 1 << 0;
 /// externalTrafficPolicy: Local (external scope): only local backends; with none, drop (other
 /// nodes may have one) instead of rejecting.
@@ -97,6 +103,35 @@ pub struct RevSkVal {
     pub _pad: [u8; 2],
 }
 
+/// sessionAffinity: ClientIP entry in [`crate::maps::AFFINITY`]: one client of one Maglev group.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// [`AFFINITY_CLIENT_IP`]: the source address (16-byte form). [`AFFINITY_NETNS`]: the
+    /// client's network namespace cookie in words 0 (low) and 1 (high), words 2 and 3 zero.
+    pub client: [u32; 4],
+    pub group_id: u32,
+    /// `AFFINITY_*`: which kind of client identity `client` holds.
+    pub kind: u32,
+}
+
+/// XDP path: clients are source addresses.
+pub const AFFINITY_CLIENT_IP: u32 = 0;
+/// Socket path: clients are network namespaces (a pod; the host network is one client).
+pub const AFFINITY_NETNS: u32 = 1;
+
+/// The backend a client is pinned to and when it last connected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityVal {
+    /// Backend id (valid while it still exists in [`crate::maps::BACKENDS`]; the agent purges
+    /// entries whose backend left the group).
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) of the client's last connection to the service.
+    pub last_ns: u64,
+}
+
 /// Indices into the per-CPU [`crate::maps::STATS`] array.
 pub mod counter {
     /// connect/sendmsg rewrote a frontend to a backend.
@@ -132,7 +167,9 @@ pub mod counter {
 
 const _: () = {
     assert!(core::mem::size_of::<SvcKey>() == 20);
-    assert!(core::mem::size_of::<SvcVal>() == 16);
+    assert!(core::mem::size_of::<SvcVal>() == 20);
+    assert!(core::mem::size_of::<AffinityKey>() == 24);
+    assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<RevSkKey>() == 32);
     assert!(core::mem::size_of::<RevSkVal>() == 20);
@@ -149,4 +186,6 @@ mod pod {
     unsafe impl aya::Pod for super::RevSkKey {}
     unsafe impl aya::Pod for super::RevSkVal {}
     unsafe impl aya::Pod for super::MaglevSlot {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityVal {}
 }

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod csum;
 mod ct;
 mod frag;

@@ -7,11 +7,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, MaglevSlot, RevSkKey, RevSkVal, SvcKey, SvcVal,
+    AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SvcKey, SvcVal,
     ct::{Config, CtKey, CtVal, FragKey, FragVal, SrcRangeKey},
     maps::{
-        DEFAULT_CT_MAX, MAGLEV_DEFAULT_SIZE, MAGLEV_TABLE_FLAGS, MAX_BACKENDS, MAX_FRAGS,
-        MAX_GROUPS, MAX_REV_SK, MAX_SERVICES, MAX_SRC_RANGES,
+        DEFAULT_CT_MAX, MAGLEV_DEFAULT_SIZE, MAGLEV_TABLE_FLAGS, MAX_AFFINITY, MAX_BACKENDS,
+        MAX_FRAGS, MAX_GROUPS, MAX_REV_SK, MAX_SERVICES, MAX_SRC_RANGES,
     },
     types::counter,
 };
@@ -60,6 +60,11 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "KPLB_SRC_RANGE")]
 pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8, { MAX_SRC_RANGES as usize }> = LpmTrie::new();
 
+/// sessionAffinity: ClientIP: the backend each client was last sent to, per group.
+#[btf_map(name = "KPLB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
 /// Per-packet working state kept in a per-CPU map instead of the 512-byte stack.
 pub struct Scratch {
     pub hdr: Hdr,
@@ -71,6 +76,8 @@ pub struct Scratch {
     pub r: CtVal,
     /// Addresses/ports the packet is translated to.
     pub to: Tuple,
+    /// sessionAffinity key of a new flow's client.
+    pub aff: AffinityKey,
 }
 
 #[btf_map(name = "KPLB_SCRATCH")]

@@ -9,7 +9,8 @@ pub enum Pick {
     NoBackends,
     /// Frontend known but its table or backend is missing (a transient state during sync).
     Miss,
-    Backend(Backend),
+    /// The backend and its id.
+    Backend(u32, Backend),
 }
 
 #[inline(always)]
@@ -34,7 +35,7 @@ pub fn pick(svc: &SvcVal, hash: u32) -> Pick {
     };
     // SAFETY: copied out immediately.
     match unsafe { BACKENDS.get(id) } {
-        Some(b) => Pick::Backend(*b),
+        Some(b) => Pick::Backend(id, *b),
         None => Pick::Miss,
     }
 }

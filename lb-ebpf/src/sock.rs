@@ -8,17 +8,18 @@ use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
     helpers::{
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
         generated::{bpf_get_netns_cookie, bpf_set_retval},
     },
     programs::SockAddrContext,
 };
 use lb_common::{
-    RevSkKey, RevSkVal, SCOPE_INTERNAL, SVC_F_AFFINITY, SvcKey, addr, hash::socket_hash,
-    types::counter,
+    AFFINITY_NETNS, AffinityKey, RevSkKey, RevSkVal, SCOPE_INTERNAL, SvcKey, SvcVal, addr,
+    hash::socket_hash, types::counter,
 };
 
 use crate::{
+    affinity,
     maps::{REV_SK, count},
     select::{Pick, lookup, pick},
 };
@@ -102,16 +103,12 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
     };
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // sessionAffinity: ClientIP. A pod is one network namespace, so hashing its netns cookie
-    // sends all of the client's connections to the same backend (while the table is unchanged),
-    // without per-client state.
-    let hash = if svc.flags & SVC_F_AFFINITY != 0 {
-        // SAFETY: helper valid for sock_addr programs.
-        socket_hash(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+    let choice = if svc.affinity_timeout != 0 {
+        sticky_pick(ctx, &svc, cookie)
     } else {
-        socket_hash(cookie)
+        pick(&svc, socket_hash(cookie))
     };
-    match pick(&svc, hash) {
+    match choice {
         Pick::Miss => {
             count(counter::SOCK_MISS);
             ALLOW
@@ -123,7 +120,7 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             REJECT
         }
-        Pick::Backend(b) => {
+        Pick::Backend(_, b) => {
             if !write_addr(sa, family, &b.addr, b.port) {
                 count(counter::SOCK_MISS);
                 return ALLOW;
@@ -146,6 +143,31 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
             ALLOW
         }
     }
+}
+
+/// sessionAffinity: ClientIP. A pod is one network namespace, so its netns cookie identifies
+/// the client: within the timeout of its last connection it gets the same backend; otherwise a
+/// per-socket Maglev pick (like kube-proxy's random first pick) is made and remembered.
+#[inline(always)]
+fn sticky_pick(ctx: &SockAddrContext, svc: &SvcVal, cookie: u64) -> Pick {
+    if svc.backend_count == 0 {
+        return Pick::NoBackends;
+    }
+    // SAFETY: helpers valid for sock_addr programs.
+    let (netns, now) = unsafe { (bpf_get_netns_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    let key = AffinityKey {
+        client: [netns as u32, (netns >> 32) as u32, 0, 0],
+        group_id: svc.group_id,
+        kind: AFFINITY_NETNS,
+    };
+    if let Some((id, b)) = affinity::sticky(&key, svc.affinity_timeout, now) {
+        return Pick::Backend(id, b);
+    }
+    let p = pick(svc, socket_hash(cookie));
+    if let Pick::Backend(id, _) = p {
+        affinity::remember(&key, id, now);
+    }
+    p
 }
 
 /// recvmsg4/6 and getpeername4/6: show the frontend the application addressed.

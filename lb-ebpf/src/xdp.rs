@@ -14,15 +14,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
+    AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey,
+    SvcVal, addr,
     ct::{CFG_F_SVC_CIDR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal, SrcRangeKey},
     hash::flow_hash,
     types::counter,
 };
 
 use crate::{
-    ct, frag, fwd, icmp,
+    affinity, ct, frag, fwd, icmp,
     maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, config, count, parsed},
     nat::{self, Tuple},
     parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, Skip, TCP_ACK, TCP_SYN},
@@ -201,9 +202,30 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
     // table changed: prefer the slot's previous owner while it still exists.
     let mid_flow =
         h.proto == IPPROTO_TCP && (h.tcp_flags & TCP_SYN == 0 || h.tcp_flags & TCP_ACK != 0);
-    let Some((id, b)) = pick(svc, hash, mid_flow) else {
-        count(counter::SOCK_MISS);
-        return XDP_PASS;
+    // sessionAffinity: ClientIP: the client's backend while it keeps connecting within the
+    // timeout, else a fresh pick that the client is then pinned to.
+    let sticky = if svc.affinity_timeout != 0 {
+        s.aff = AffinityKey {
+            client: h.src,
+            group_id: svc.group_id,
+            kind: AFFINITY_CLIENT_IP,
+        };
+        affinity::sticky(&s.aff, svc.affinity_timeout, now)
+    } else {
+        None
+    };
+    let (id, b) = match sticky {
+        Some(chosen) => chosen,
+        None => {
+            let Some((id, b)) = pick(svc, hash, mid_flow) else {
+                count(counter::SOCK_MISS);
+                return XDP_PASS;
+            };
+            if svc.affinity_timeout != 0 {
+                affinity::remember(&s.aff, id, now);
+            }
+            (id, b)
+        }
     };
     if addr::to_v4_word(&b.addr).is_some() == h.v6 {
         count(counter::XDP_BAD); // family mismatch: never write a mangled address
