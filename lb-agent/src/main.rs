@@ -23,7 +23,7 @@ use lb_agent::{
     model::{self, NodeConfig},
     mountns, node, objects,
     standalone::ManifestDir,
-    stats::DatapathStats,
+    stats::{DatapathStats, ServiceStats},
     sync::Reconciler,
 };
 use tracing::{debug, error, info, warn};
@@ -169,6 +169,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(stats) => health.metrics.set_counter_source(Box::new(stats)),
         Err(e) => warn!("datapath counters will not be exported: {e}"),
     }
+    match ServiceStats::open(&args.bpffs_dir) {
+        Ok(stats) => health.metrics.set_service_source(Box::new(stats)),
+        Err(e) => warn!("per-service counters will not be exported: {e}"),
+    }
     let mut reconciler = Reconciler::adopt(args.maglev_seed, dp.existing())
         .with_prev_window(Duration::from_secs(args.maglev_prev_window));
     dp.set_config(&config)
@@ -225,6 +229,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 batch,
             );
             health_checks.update(&hcs);
+            health
+                .metrics
+                .set_service_labels(service_labels(&reconciler));
         }
         if Instant::now() >= next_gc {
             let start = Instant::now();
@@ -311,6 +318,27 @@ fn sync_once(
         );
     }
     desired.health_checks
+}
+
+/// Prometheus labels for every programmed group.
+fn service_labels(reconciler: &Reconciler) -> lb_agent::metrics::ServiceLabels {
+    reconciler
+        .group_ids()
+        .map(|(k, id)| {
+            let labels = vec![
+                ("namespace", k.service.namespace.clone()),
+                ("service", k.service.name.clone()),
+                ("port", k.port_name.clone()),
+                ("protocol", k.protocol.to_string()),
+                ("family", if k.ipv6 { "IPv6" } else { "IPv4" }.to_owned()),
+                (
+                    "endpoints",
+                    if k.local_only { "local" } else { "all" }.to_owned(),
+                ),
+            ];
+            (id, labels)
+        })
+        .collect()
 }
 
 /// How often expired conntrack entries are removed.

@@ -164,6 +164,14 @@ pub trait CounterSource: Send {
     fn read(&mut self) -> Result<Vec<u64>, String>;
 }
 
+/// Per-service-port counters summed over CPUs, by group id.
+pub trait ServiceCounterSource: Send {
+    fn read(&mut self) -> Result<std::collections::BTreeMap<u32, lb_common::SvcCounters>, String>;
+}
+
+/// Prometheus labels of one group (service port, family, endpoint scope), by group id.
+pub type ServiceLabels = std::collections::BTreeMap<u32, Vec<(&'static str, String)>>;
+
 /// Everything `/metrics` reports.
 pub struct Metrics {
     /// kube-proxy's `sync_proxy_rules_duration_seconds`: how long a sync took.
@@ -180,6 +188,8 @@ pub struct Metrics {
     healthz: [AtomicU64; 2],
     livez: [AtomicU64; 2],
     datapath: Mutex<Option<Box<dyn CounterSource>>>,
+    services: Mutex<Option<Box<dyn ServiceCounterSource>>>,
+    service_labels: Mutex<ServiceLabels>,
 }
 
 impl Default for Metrics {
@@ -206,6 +216,8 @@ impl Default for Metrics {
             healthz: Default::default(),
             livez: Default::default(),
             datapath: Mutex::new(None),
+            services: Mutex::new(None),
+            service_labels: Mutex::new(ServiceLabels::new()),
         }
     }
 }
@@ -219,6 +231,16 @@ pub const COUNTER_NAMES: &[(u32, &str)] = {
         (counter::SOCK_REJECT, "sock_reject"),
         (counter::SOCK_REV_XLATE, "sock_rev_xlate"),
         (counter::SOCK_MISS, "sock_miss"),
+        (counter::XDP_NEW, "xdp_new_flow"),
+        (counter::XDP_CT_HIT, "xdp_conntrack_hit"),
+        (counter::XDP_REJECT, "xdp_reject"),
+        (counter::XDP_DROP, "xdp_drop"),
+        (counter::XDP_BAD, "xdp_malformed"),
+        (counter::XDP_FRAG, "xdp_fragment"),
+        (counter::XDP_FIB_MISS, "xdp_fib_miss"),
+        (counter::TC_REV_XLATE, "tc_reverse_xlate"),
+        (counter::ICMP_XLATE, "icmp_xlate"),
+        (counter::SNAT_EXHAUSTED, "snat_ports_exhausted"),
     ]
 };
 
@@ -236,6 +258,70 @@ impl Metrics {
     /// Where `kplb_datapath_events_total` comes from (the pinned `KPLB_STATS` map).
     pub fn set_counter_source(&self, source: Box<dyn CounterSource>) {
         *self.datapath.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// Where `kplb_service_*_total` come from (the pinned `KPLB_SVC_STATS` map).
+    pub fn set_service_source(&self, source: Box<dyn ServiceCounterSource>) {
+        *self.services.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// The labels of the groups programmed now (after each sync).
+    pub fn set_service_labels(&self, labels: ServiceLabels) {
+        *self
+            .service_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = labels;
+    }
+
+    fn render_services(&self, e: &mut Exposition) {
+        let mut source = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(source) = source.as_mut() else {
+            return;
+        };
+        let Ok(counters) = source.read() else {
+            return;
+        };
+        let labels = self
+            .service_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let rows: Vec<_> = counters
+            .iter()
+            .filter_map(|(g, c)| labels.get(g).map(|l| (l, c)))
+            .collect();
+        let family = |e: &mut Exposition,
+                      name: &str,
+                      help: &str,
+                      get: fn(&lb_common::SvcCounters) -> u64| {
+            let samples: Vec<(Vec<(&str, &str)>, f64)> = rows
+                .iter()
+                .map(|(l, c)| {
+                    (
+                        l.iter().map(|(k, v)| (*k, v.as_str())).collect(),
+                        get(c) as f64,
+                    )
+                })
+                .collect();
+            e.family(name, help, "counter", &samples);
+        };
+        family(
+            e,
+            "kplb_service_packets_total",
+            "Packets the XDP path translated to a service's backends.",
+            |c| c.packets,
+        );
+        family(
+            e,
+            "kplb_service_bytes_total",
+            "Bytes the XDP path translated to a service's backends.",
+            |c| c.bytes,
+        );
+        family(
+            e,
+            "kplb_service_connections_total",
+            "Connections (and new UDP flows) balanced to a service's backends, by the socket and XDP paths.",
+            |c| c.connections,
+        );
     }
 
     /// The exposition. `last_queued` is when the newest change arrived.
@@ -321,6 +407,7 @@ impl Metrics {
             &capacity,
         );
         self.render_datapath(&mut e);
+        self.render_services(&mut e);
         e.finish()
     }
 

@@ -3,10 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Map, MapData, MapError, PerCpuArray};
-use lb_common::maps;
+use std::collections::BTreeMap;
 
-use crate::{datapath::Paths, metrics::CounterSource};
+use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use lb_common::{SvcCounters, maps};
+
+use crate::{
+    datapath::Paths,
+    metrics::{CounterSource, ServiceCounterSource},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
@@ -51,6 +56,49 @@ impl DatapathStats {
             out.push(sum(per_cpu.iter().copied()));
         }
         Ok(out)
+    }
+}
+
+/// A handle on `<bpffs-dir>/maps/KPLB_SVC_STATS`: per-service-port counters by group id.
+pub struct ServiceStats {
+    map: PerCpuHashMap<MapData, u32, SvcCounters>,
+}
+
+impl ServiceStats {
+    pub fn open(bpffs_dir: &Path) -> Result<Self, StatsError> {
+        let path = Paths::new(bpffs_dir).maps.join(maps::SVC_STATS);
+        let open = |source| StatsError::Open {
+            path: path.clone(),
+            source,
+        };
+        let data = MapData::from_pin(&path).map_err(open)?;
+        let map = Map::from_map_data(data).map_err(open)?;
+        Ok(Self {
+            map: PerCpuHashMap::try_from(map).map_err(open)?,
+        })
+    }
+
+    /// Every group's counters, summed over CPUs.
+    pub fn read_all(&self) -> Result<BTreeMap<u32, SvcCounters>, StatsError> {
+        let mut out = BTreeMap::new();
+        for entry in self.map.iter() {
+            let (group, per_cpu) = entry.map_err(StatsError::Read)?;
+            let total = per_cpu
+                .iter()
+                .fold(SvcCounters::default(), |a, c| SvcCounters {
+                    packets: a.packets.wrapping_add(c.packets),
+                    bytes: a.bytes.wrapping_add(c.bytes),
+                    connections: a.connections.wrapping_add(c.connections),
+                });
+            out.insert(group, total);
+        }
+        Ok(out)
+    }
+}
+
+impl ServiceCounterSource for ServiceStats {
+    fn read(&mut self) -> Result<BTreeMap<u32, SvcCounters>, String> {
+        self.read_all().map_err(|e| e.to_string())
     }
 }
 

@@ -145,6 +145,11 @@ impl Reconciler {
         }
     }
 
+    /// Every programmed group's identity and id (per-service metrics label counters by id).
+    pub fn group_ids(&self) -> impl Iterator<Item = (&GroupKey, u32)> + '_ {
+        self.groups.iter().map(|(k, g)| (k, g.id))
+    }
+
     /// Keep previous slot owners for `window` after each table change, so established flows
     /// that lose their conntrack entry still reach their backend (the XDP path consults them).
     pub fn with_prev_window(mut self, window: Duration) -> Self {

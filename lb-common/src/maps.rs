@@ -25,14 +25,16 @@ pub const SRC_RANGES: &str = "KPLB_SRC_RANGE";
 
 /// sessionAffinity: ClientIP (LRU): [`crate::AffinityKey`] -> [`crate::AffinityVal`].
 pub const AFFINITY: &str = "KPLB_AFFINITY";
+/// Per-service-port counters: group id -> per-CPU [`crate::SvcCounters`].
+pub const SVC_STATS: &str = "KPLB_SVC_STATS";
 
 /// Per-CPU scratch slot of the north-south programs (parsed headers); private to one loaded
 /// object, never pinned.
 pub const SCRATCH: &str = "KPLB_SCRATCH";
 
 /// Every map the agent pins under `--bpffs-dir`, in creation order.
-pub const ALL: [&str; 10] = [
-    SERVICES, BACKENDS, MAGLEV, REV_SK, STATS, CT, FRAG, CONFIG, SRC_RANGES, AFFINITY,
+pub const ALL: [&str; 11] = [
+    SERVICES, BACKENDS, MAGLEV, REV_SK, STATS, CT, FRAG, CONFIG, SRC_RANGES, AFFINITY, SVC_STATS,
 ];
 
 pub const DEFAULT_CT_MAX: u32 = 262_144;

@@ -132,6 +132,16 @@ pub struct AffinityVal {
     pub last_ns: u64,
 }
 
+/// Per-service-port traffic (per CPU), keyed by group id in [`crate::maps::SVC_STATS`]: packets
+/// and bytes the XDP path translated towards backends, and connections the socket path balanced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+
 /// Indices into the per-CPU [`crate::maps::STATS`] array.
 pub mod counter {
     /// connect/sendmsg rewrote a frontend to a backend.
@@ -174,6 +184,7 @@ const _: () = {
     assert!(core::mem::size_of::<RevSkKey>() == 32);
     assert!(core::mem::size_of::<RevSkVal>() == 20);
     assert!(core::mem::size_of::<MaglevSlot>() == 8);
+    assert!(core::mem::size_of::<SvcCounters>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -186,6 +197,7 @@ mod pod {
     unsafe impl aya::Pod for super::RevSkKey {}
     unsafe impl aya::Pod for super::RevSkVal {}
     unsafe impl aya::Pod for super::MaglevSlot {}
+    unsafe impl aya::Pod for super::SvcCounters {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityVal {}
 }

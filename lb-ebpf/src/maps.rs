@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SvcKey, SvcVal,
+    AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SvcCounters, SvcKey, SvcVal,
     ct::{Config, CtKey, CtVal, FragKey, FragVal, SrcRangeKey},
     maps::{
         DEFAULT_CT_MAX, MAGLEV_DEFAULT_SIZE, MAGLEV_TABLE_FLAGS, MAX_AFFINITY, MAX_BACKENDS,
@@ -64,6 +64,33 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8, { MAX_SRC_RANGES as usize }> = L
 #[btf_map(name = "KPLB_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { MAX_AFFINITY as usize }> =
     LruHashMap::new();
+
+/// Per-service-port counters. Group ids are not dense, so a per-CPU LRU hash (an idle service's
+/// entry may be evicted: counters are best effort, like any Prometheus counter reset).
+#[btf_map(name = "KPLB_SVC_STATS")]
+static SVC_STATS: LruPerCpuHashMap<u32, SvcCounters, { MAX_GROUPS as usize }> =
+    LruPerCpuHashMap::new();
+
+/// Adds to group `group`'s counters on this CPU.
+#[inline(always)]
+pub fn account(group: u32, packets: u64, bytes: u64, connections: u64) {
+    match SVC_STATS.get_ptr_mut(group) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        Some(c) => unsafe {
+            (*c).packets += packets;
+            (*c).bytes += bytes;
+            (*c).connections += connections;
+        },
+        None => {
+            let first = SvcCounters {
+                packets,
+                bytes,
+                connections,
+            };
+            let _ = SVC_STATS.insert(group, first, 0);
+        }
+    }
+}
 
 /// Per-packet working state kept in a per-CPU map instead of the 512-byte stack.
 pub struct Scratch {

@@ -20,7 +20,7 @@ use lb_common::{
 
 use crate::{
     affinity,
-    maps::{REV_SK, count},
+    maps::{REV_SK, account, count},
     select::{Pick, lookup, pick},
 };
 
@@ -140,6 +140,7 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
             // the connection itself still works.
             let _ = REV_SK.insert(rev_key, rev, 0);
             count(counter::SOCK_XLATE);
+            account(svc.group_id, 0, 0, 1);
             ALLOW
         }
     }

@@ -24,7 +24,7 @@ use lb_common::{
 
 use crate::{
     affinity, ct, frag, fwd, icmp,
-    maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, config, count, parsed},
+    maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, account, config, count, parsed},
     nat::{self, Tuple},
     parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, Skip, TCP_ACK, TCP_SYN},
     reject::reject,
@@ -162,6 +162,7 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, svc: &SvcVal, cfg: &Config) -> u3
         if s.v.flags & CT_F_REPLY == 0 && s.v.expires > now && ct::backend_exists(s.v.backend_id) {
             ct::touch(p, &s.v, cfg, &s.hdr, now);
             count(counter::XDP_CT_HIT);
+            account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 0);
             return translate(ctx, s);
         }
     }
@@ -176,6 +177,7 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, svc: &SvcVal, cfg: &Config) -> u3
     match new_flow(s, svc, cfg, now) {
         0 => {
             count(counter::XDP_NEW);
+            account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 1);
             translate(ctx, s)
         }
         verdict => verdict,

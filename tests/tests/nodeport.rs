@@ -147,6 +147,24 @@ fn nodeport_cluster_policy_from_outside() {
             "udp via {node} reaches both backends: {answers:?}"
         );
     }
+    // The XDP path counted that traffic per service port (external scope, all endpoints).
+    let text = c
+        .lab
+        .run_ok("node1", &["curl", "-s", "http://127.0.0.1:10249/metrics"])
+        .unwrap();
+    let packets: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("kplb_service_packets_total")
+                && l.contains("service=\"web\"")
+                && l.contains("port=\"http\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(
+        packets >= 24.0,
+        "web/http packets counted on node1: {packets}\n{text}"
+    );
 }
 
 #[test]
