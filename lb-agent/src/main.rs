@@ -164,7 +164,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let opts = datapath::LoadOptions {
         conntrack_max: args.conntrack_max,
     };
-    let mut dp = BpfDatapath::load(&args.bpffs_dir, opts).context("loading the datapath")?;
+    let mut dp = BpfDatapath::load(&args.bpffs_dir, opts).with_context(|| {
+        format!(
+            "loading the datapath (pins left by a kplb version with another map layout must be \
+             removed first: lb-agent cleanup --bpffs-dir {})",
+            args.bpffs_dir.display()
+        )
+    })?;
     match DatapathStats::open(&args.bpffs_dir) {
         Ok(stats) => health.metrics.set_counter_source(Box::new(stats)),
         Err(e) => warn!("datapath counters will not be exported: {e}"),
