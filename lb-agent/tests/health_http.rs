@@ -252,7 +252,9 @@ fn metrics_use_kube_proxys_names_and_a_valid_exposition() {
     let (health, addr) = serve(Duration::from_secs(60));
     health
         .metrics
-        .set_counter_source(Box::new(FakeCounters(vec![5, 0, 2, 0, 0, 0, 0, 9])));
+        .set_counter_source(Box::new(FakeCounters(vec![
+            5, 0, 2, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 9, 0,
+        ])));
     health.changes().queued();
     let two_s_ago = SystemTime::now() - Duration::from_secs(2);
     synced(&health, &[two_s_ago]);
@@ -320,12 +322,13 @@ fn metrics_use_kube_proxys_names_and_a_valid_exposition() {
         v["kplb_datapath_events_total{event=\"sock_rev_xlate\"}"],
         2.0
     );
+    assert_eq!(v["kplb_datapath_events_total{event=\"xdp_drop\"}"], 4.0);
     assert_eq!(
-        v["kplb_datapath_events_total{event=\"counter_7\"}"], 9.0,
+        v["kplb_datapath_events_total{event=\"counter_14\"}"], 9.0,
         "unnamed index"
     );
     assert!(
-        !r.body.contains("counter_5"),
+        !r.body.contains("counter_15"),
         "unnamed zero counters are left out"
     );
 }
