@@ -128,10 +128,5 @@ pub fn demo() -> anyhow::Result<()> {
 }
 
 pub fn bench(quick: bool) -> anyhow::Result<()> {
-    let mut maglev = cargo();
-    maglev.args(["bench", "-p", "lb-common", "--bench", "maglev"]);
-    if quick {
-        maglev.args(["--", "--quick"]);
-    }
-    run(maglev)
+    crate::bench::run(quick)
 }

@@ -1,6 +1,7 @@
 //! Project tasks. `cargo xtask demo` and `cargo xtask test` are the two commands a newcomer runs;
 //! both install what a fresh machine lacks first (`setup`).
 
+mod bench;
 mod build;
 mod setup;
 

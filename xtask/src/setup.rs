@@ -14,6 +14,10 @@ const APT_PACKAGES: &[&str] = &[
     "libclang-22-dev",
     "bpftool",
     "iproute2",
+    // `cargo xtask bench` rebuilds kube-proxy's dataplanes to compare against.
+    "iptables",
+    "nftables",
+    "ipvsadm",
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -157,19 +157,19 @@ fn main() -> ExitCode {
         let rank = ((p / 100.0) * lat_ns.len() as f64).ceil().max(1.0) as usize;
         lat_ns[rank.min(lat_ns.len()) - 1] as f64 / 1e3
     };
-    println!(
-        "{{\"count\":{},\"errors\":{},\"elapsed_s\":{:.6},\"conn_per_s\":{:.1},\"p50_us\":{:.2},\"p90_us\":{:.2},\"p99_us\":{:.2},\"max_us\":{:.2},\"bodies\":{},\"first_error\":{:?}}}",
-        lat_ns.len(),
-        errors,
-        elapsed,
-        lat_ns.len() as f64 / elapsed,
-        pct(50.0),
-        pct(90.0),
-        pct(99.0),
-        pct(100.0),
-        bodies.len(),
-        first_error
-    );
+    let summary = serde_json::json!({
+        "count": lat_ns.len(),
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "conn_per_s": lat_ns.len() as f64 / elapsed,
+        "p50_us": pct(50.0),
+        "p90_us": pct(90.0),
+        "p99_us": pct(99.0),
+        "max_us": pct(100.0),
+        "bodies": bodies.len(),
+        "first_error": first_error,
+    });
+    println!("{summary}");
     if lat_ns.is_empty() {
         ExitCode::FAILURE
     } else {

@@ -239,16 +239,16 @@ pub fn load_counting_xdp(counter: &OwnedFd, action: i32) -> Result<OwnedFd> {
     let prog = [
         insn(0x18, 1, 1, 0, map_fd), // ld_imm64 r1, map fd (BPF_PSEUDO_MAP_FD)
         insn(0, 0, 0, 0, 0),
-        insn(0x62, 10, 0, -4, 0),  // *(u32 *)(r10 - 4) = 0
-        insn(0xbf, 2, 10, 0, 0),   // r2 = r10
-        insn(0x07, 2, 0, 0, -4),   // r2 += -4
-        insn(0x85, 0, 0, 0, 1),    // call bpf_map_lookup_elem
-        insn(0x15, 0, 0, 3, 0),    // if r0 == 0 goto +3
-        insn(0x79, 1, 0, 0, 0),    // r1 = *(u64 *)(r0 + 0)
-        insn(0x07, 1, 0, 0, 1),    // r1 += 1
-        insn(0x7b, 0, 1, 0, 0),    // *(u64 *)(r0 + 0) = r1
+        insn(0x62, 10, 0, -4, 0),    // *(u32 *)(r10 - 4) = 0
+        insn(0xbf, 2, 10, 0, 0),     // r2 = r10
+        insn(0x07, 2, 0, 0, -4),     // r2 += -4
+        insn(0x85, 0, 0, 0, 1),      // call bpf_map_lookup_elem
+        insn(0x15, 0, 0, 3, 0),      // if r0 == 0 goto +3
+        insn(0x79, 1, 0, 0, 0),      // r1 = *(u64 *)(r0 + 0)
+        insn(0x07, 1, 0, 0, 1),      // r1 += 1
+        insn(0x7b, 0, 1, 0, 0),      // *(u64 *)(r0 + 0) = r1
         insn(0xb7, 0, 0, 0, action), // r0 = action
-        insn(0x95, 0, 0, 0, 0),    // exit
+        insn(0x95, 0, 0, 0, 0),      // exit
     ];
     load_xdp(&prog, "kplb_bench_cnt")
 }
@@ -316,4 +316,87 @@ pub fn attach_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
     Ok(owned(
         sys(BPF_LINK_CREATE, &mut a).context("attaching XDP (BPF_LINK_CREATE)")?,
     ))
+}
+
+const BPF_PROG_TEST_RUN: i64 = 10;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+
+/// A program by id (`BPF_PROG_GET_FD_BY_ID`), e.g. the one attached to an interface.
+pub fn prog_by_id(id: u32) -> Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut a = Attr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    Ok(owned(
+        sys(BPF_PROG_GET_FD_BY_ID, &mut a).with_context(|| format!("program id {id}"))?,
+    ))
+}
+
+/// An XDP program that only returns XDP_PASS: the harness floor.
+pub fn load_xdp_pass() -> Result<OwnedFd> {
+    let prog = [
+        insn(0xb7, 0, 0, 0, 2), // r0 = XDP_PASS
+        insn(0x95, 0, 0, 0, 0), // exit
+    ];
+    load_xdp(&prog, "kplb_bench_pass")
+}
+
+/// One `BPF_PROG_TEST_RUN`: (verdict, the kernel's duration per iteration in ns, bytes out).
+/// `ctx` is a `struct xdp_md` (ingress ifindex, resolved in the calling thread's netns).
+/// The packet comes back in `out` (whose length is the output buffer size).
+pub fn test_run(
+    prog: &OwnedFd,
+    data: &[u8],
+    repeat: u32,
+    ctx: Option<&[u8]>,
+    out: &mut [u8],
+) -> Result<(u32, u32, u32)> {
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        // Explicit: the kernel rejects an attr whose bytes past the command's fields are not
+        // zero, and implicit padding is uninitialised.
+        _pad: u32,
+    }
+    let mut a = Attr {
+        prog_fd: prog.as_raw_fd() as u32,
+        retval: 0,
+        data_size_in: data.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        duration: 0,
+        ctx_size_in: ctx.map_or(0, |c| c.len() as u32),
+        ctx_size_out: 0,
+        ctx_in: ctx.map_or(0, |c| c.as_ptr() as u64),
+        ctx_out: 0,
+        flags: 0,
+        cpu: 0,
+        batch_size: 0,
+        _pad: 0,
+    };
+    sys(BPF_PROG_TEST_RUN, &mut a).context("BPF_PROG_TEST_RUN")?;
+    Ok((a.retval, a.duration, a.data_size_out))
 }

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{
+    control,
     lab::{BenchLab, RunningAgent},
     rules,
     services::{self, ENDPOINTS, PORT, TARGET_PORT},
@@ -30,6 +31,9 @@ pub struct Config {
     pub count: usize,
     pub warmup: usize,
     pub client: PathBuf,
+    /// Section 4 on kplb's agent at this size, after its connection runs (the cold start is
+    /// the one measured here): (services, changes).
+    pub control: Option<(usize, usize)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +60,8 @@ impl fmt::Display for Dataplane {
 const LOAD_LIMIT: Duration = Duration::from_secs(900);
 const SANITY_REQUESTS: usize = 100;
 
-pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
+/// The connection results, and section 4's when `cfg.control` asked for it.
+pub fn run(cfg: &Config, rng: &mut Rng) -> Result<(Value, Option<Value>)> {
     let bl = BenchLab::new(true)?;
     let mut available = vec![Dataplane::None, Dataplane::Kplb];
     let mut skipped = serde_json::Map::new();
@@ -73,7 +78,12 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
             }
         }
     }
+    // For development: KPLB_BENCH_DATAPLANES=kplb,iptables limits the columns.
+    if let Ok(only) = std::env::var("KPLB_BENCH_DATAPLANES") {
+        available.retain(|dp| only.split(',').any(|o| o == dp.to_string()));
+    }
     let mut results = Vec::new();
+    let mut control = None;
     let mut orders = serde_json::Map::new();
     for &n in &cfg.sizes {
         let mut order = available.clone();
@@ -84,23 +94,26 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
         );
         for dp in order {
             eprintln!("kplb-bench: conn: {dp} at {n} services");
-            let res = measure(&bl, cfg, dp, n).unwrap_or_else(|e| {
+            let res = measure(&bl, cfg, dp, n, rng, &mut control).unwrap_or_else(|e| {
                 eprintln!("kplb-bench: conn: {dp} at {n}: {e:#}");
                 json!({"dataplane": dp.to_string(), "services": n, "error": format!("{e:#}")})
             });
             results.push(res);
         }
     }
-    Ok(json!({
-        "sizes": cfg.sizes,
-        "runs": cfg.runs,
-        "count": cfg.count,
-        "warmup": cfg.warmup,
-        "endpoints": ENDPOINTS,
-        "order": orders,
-        "skipped": skipped,
-        "results": results,
-    }))
+    Ok((
+        json!({
+            "sizes": cfg.sizes,
+            "runs": cfg.runs,
+            "count": cfg.count,
+            "warmup": cfg.warmup,
+            "endpoints": ENDPOINTS,
+            "order": orders,
+            "skipped": skipped,
+            "results": results,
+        }),
+        control,
+    ))
 }
 
 fn check_iptables(bl: &BenchLab) -> std::result::Result<(), String> {
@@ -114,12 +127,19 @@ fn check_nft(bl: &BenchLab) -> std::result::Result<(), String> {
 }
 
 fn check_ipvs(bl: &BenchLab) -> std::result::Result<(), String> {
-    bl.node_probe(&["ipvsadm", "--version"])?;
+    let kernel = "the kernel has no IPVS (no /proc/net/ip_vs; CONFIG_IP_VS is not set here)";
+    let has_ipvs = bl.node_probe(&["test", "-e", "/proc/net/ip_vs"]).is_ok();
     bl.node_probe(&["ipvsadm", "-Ln"]).map_err(|e| {
-        format!("{e} (this kernel has no IPVS: CONFIG_IP_VS is not set and modules are off)")
+        if has_ipvs {
+            e
+        } else {
+            format!("{kernel}; {e}")
+        }
     })?;
     bl.node_probe(&["ip", "link", "add", "kbench-probe", "type", "dummy"])
-        .map_err(|e| format!("{e} (kube-proxy's ipvs mode needs a dummy interface for the VIPs)"))?;
+        .map_err(|e| {
+            format!("{e} (kube-proxy's ipvs mode needs a dummy interface for the VIPs)")
+        })?;
     bl.node_probe(&["ip", "link", "del", "kbench-probe"])
 }
 
@@ -128,6 +148,8 @@ struct Teardown<'a> {
     bl: &'a BenchLab,
     dp: Dataplane,
     agent: Option<RunningAgent>,
+    /// Rule files and manifests; removed last (the agent reads its manifests until it stops).
+    scratch: PathBuf,
     done: bool,
 }
 
@@ -138,6 +160,12 @@ impl Teardown<'_> {
     }
 
     fn clean(&mut self) -> Result<()> {
+        let r = self.remove_dataplane();
+        let _ = fs::remove_dir_all(&self.scratch);
+        r
+    }
+
+    fn remove_dataplane(&mut self) -> Result<()> {
         let limit = Duration::from_secs(300);
         match self.dp {
             Dataplane::None => Ok(()),
@@ -154,9 +182,10 @@ impl Teardown<'_> {
                 }
                 Ok(())
             }
+            // Only the lab node's own ruleset: everything there is ours.
             Dataplane::Nftables => self
                 .bl
-                .node_ok(&["nft", "delete", "table", "ip", "kube-proxy"], limit)
+                .node_ok(&["nft", "flush", "ruleset"], limit)
                 .map(|_| ()),
             Dataplane::Ipvs => {
                 let a = self.bl.node_ok(&["ipvsadm", "-C"], limit).map(|_| ());
@@ -181,14 +210,23 @@ impl Drop for Teardown<'_> {
     }
 }
 
-fn measure(bl: &BenchLab, cfg: &Config, dp: Dataplane, n: usize) -> Result<Value> {
+fn measure(
+    bl: &BenchLab,
+    cfg: &Config,
+    dp: Dataplane,
+    n: usize,
+    rng: &mut Rng,
+    control: &mut Option<Value>,
+) -> Result<Value> {
+    let control_here = dp == Dataplane::Kplb && cfg.control.is_some_and(|(s, _)| s == n);
+    let scratch = bl.lab.tmp_dir().join(format!("{dp}-{n}"));
     let mut td = Teardown {
         bl,
         dp,
         agent: None,
+        scratch: scratch.clone(),
         done: false,
     };
-    let scratch = bl.lab.tmp_dir().join(format!("{dp}-{n}"));
     fs::create_dir_all(&scratch)?;
     let started = Instant::now();
     let mut detail = json!({});
@@ -196,9 +234,17 @@ fn measure(bl: &BenchLab, cfg: &Config, dp: Dataplane, n: usize) -> Result<Value
         Dataplane::None => {}
         Dataplane::Kplb => {
             let dir = scratch.join("manifests");
-            services::write_manifest(&dir, "services.yaml", n, 0..n)?;
+            // The measured service in a file of its own, so that section 4's changes rewrite
+            // a small file.
+            services::write_manifest(&dir, "bulk.yaml", n, 0..n - 1)?;
+            services::write_manifest(&dir, "measured.yaml", n, n - 1..n)?;
             let gen_s = started.elapsed().as_secs_f64();
-            let mut agent = RunningAgent::start(&bl.lab, &dir, &[])?;
+            let extra: &[&str] = if control_here {
+                &["--poll-interval-ms", control::POLL_MS]
+            } else {
+                &[]
+            };
+            let mut agent = RunningAgent::start(&bl.lab, &dir, extra)?;
             let synced = agent.wait_synced(LOAD_LIMIT);
             td.agent = Some(agent);
             let (wall, line) = synced?;
@@ -209,7 +255,7 @@ fn measure(bl: &BenchLab, cfg: &Config, dp: Dataplane, n: usize) -> Result<Value
             fs::write(&file, rules::iptables(n))?;
             let t = Instant::now();
             bl.node_ok(
-                &["iptables-restore", "-w", file.to_str().context("path")?],
+                &["iptables-restore", file.to_str().context("path")?],
                 LOAD_LIMIT,
             )?;
             let version = bl.node_ok(&["iptables", "--version"], LOAD_LIMIT)?;
@@ -235,11 +281,7 @@ fn measure(bl: &BenchLab, cfg: &Config, dp: Dataplane, n: usize) -> Result<Value
             fs::write(&file, restore)?;
             let t = Instant::now();
             bl.node_ok(
-                &[
-                    "sh",
-                    "-c",
-                    &format!("ipvsadm-restore < {}", file.display()),
-                ],
+                &["sh", "-c", &format!("ipvsadm-restore < {}", file.display())],
                 LOAD_LIMIT,
             )?;
             lb_tests::netns::sysctls(&node, &[("net.ipv4.vs.conntrack", "1")])?;
@@ -247,8 +289,6 @@ fn measure(bl: &BenchLab, cfg: &Config, dp: Dataplane, n: usize) -> Result<Value
         }
     }
     let load_s = (dp != Dataplane::None).then(|| started.elapsed().as_secs_f64());
-    // The rule files can be large; they are not needed any more.
-    let _ = fs::remove_dir_all(&scratch);
 
     let targets: Vec<SocketAddr> = match dp {
         Dataplane::None => (0..ENDPOINTS)
@@ -256,6 +296,10 @@ fn measure(bl: &BenchLab, cfg: &Config, dp: Dataplane, n: usize) -> Result<Value
             .collect(),
         _ => vec![SocketAddr::new(services::vip(n - 1).into(), PORT)],
     };
+    if let Ok(secs) = std::env::var("KPLB_BENCH_PAUSE") {
+        eprintln!("kplb-bench: pausing {secs} s (lab {})", bl.lab.prefix());
+        std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
+    }
     let sanity = bl.client(&cfg.client, &targets, SANITY_REQUESTS, 0)?;
     if sanity["count"].as_u64() != Some(SANITY_REQUESTS as u64) {
         bail!("{dp} at {n} services does not work: {sanity}");
@@ -266,6 +310,18 @@ fn measure(bl: &BenchLab, cfg: &Config, dp: Dataplane, n: usize) -> Result<Value
     }
     if let Some(a) = &td.agent {
         detail["agent_log_tail"] = json!(a.agent.log_tail(3));
+        if control_here {
+            let changes = cfg.control.map_or(0, |(_, c)| c);
+            eprintln!("kplb-bench: control: {changes} changes at {n} services");
+            let cold = vec![json!({
+                "start_to_synced_s": detail["start_to_synced_s"],
+                "synced": detail["synced"],
+            })];
+            *control = Some(
+                control::measure_running(a, &scratch.join("manifests"), n, changes, rng, cold)
+                    .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
+            );
+        }
     }
     td.finish()
         .with_context(|| format!("removing {dp} after measuring"))?;

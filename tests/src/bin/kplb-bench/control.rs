@@ -4,6 +4,7 @@
 use std::{
     fs,
     net::Ipv4Addr,
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
@@ -26,7 +27,7 @@ pub struct Config {
 
 /// The agent's manifest poll interval for these runs (the default is 100 ms, which would
 /// dominate the change latency; what is measured is the agent's own work).
-const POLL_MS: &str = "10";
+pub const POLL_MS: &str = "10";
 
 /// `KPLB_SVC` key of an in-cluster IPv4 TCP frontend (`lb_common::SvcKey`: IPv4-mapped
 /// address, port in network order, protocol, scope 0).
@@ -71,6 +72,23 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
         }
     }
     let agent = running.context("no cold start ran")?;
+    let result = measure_running(&agent, &dir, n, cfg.changes, rng, cold);
+    agent.stop_and_clean()?;
+    result
+}
+
+/// Everything after the first sync, on a running agent whose manifest directory `dir` holds
+/// the measured service (the last of `n`) alone in `measured.yaml`: memory, map memory, and
+/// `changes` EndpointSlice changes end to end. `cold` are the cold starts already measured.
+pub fn measure_running(
+    agent: &RunningAgent,
+    dir: &Path,
+    n: usize,
+    changes: usize,
+    rng: &mut Rng,
+    cold: Vec<Value>,
+) -> Result<Value> {
+    let measured = n - 1;
     let pid = agent.pid()?;
     let (rss_synced, _) = rss_kib(pid)?;
     let maps = agent.maps_dir();
@@ -84,8 +102,8 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
     if backend_count(&svc, &key)? != Some(services::ENDPOINTS as u32) {
         bail!("the measured frontend is not in KPLB_SVC with 10 backends");
     }
-    let mut latencies = Vec::with_capacity(cfg.changes);
-    for c in 0..cfg.changes {
+    let mut latencies = Vec::with_capacity(changes);
+    for c in 0..changes {
         // Alternate 9 and 10 endpoints: every change rebuilds the table and rewrites the
         // frontend (whose backend_count tells the change has landed).
         let want = if c % 2 == 0 {
@@ -119,7 +137,6 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
         .filter_map(|l| fields(l)["took_ms"].as_f64())
         .collect();
     let (rss_after, hwm_after) = rss_kib(pid)?;
-    agent.stop_and_clean()?;
     let lat = sorted(latencies);
     let applied = sorted(applied);
     Ok(json!({

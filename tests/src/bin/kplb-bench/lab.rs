@@ -10,7 +10,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_tests::{Agent, Lab, lab::netexec_bin, poll_until, process::LabChild, process::output_with_timeout};
+use lb_tests::{
+    Agent, Lab, lab::netexec_bin, poll_until, process::LabChild, process::output_with_timeout,
+};
 use serde_json::Value;
 
 use crate::services::{ENDPOINTS, TARGET_PORT, pod_ip, pod_name};
@@ -24,11 +26,19 @@ pub const CLIENT_CPU: usize = 1;
 
 pub struct BenchLab {
     /// Dropped before the lab (fields drop in order).
-    backends: Vec<LabChild>,
+    _backends: Vec<LabChild>,
     pub lab: Lab,
 }
 
 impl BenchLab {
+    /// A lab of `nodes` nodes with nothing else in it.
+    pub fn new_nodes(nodes: usize) -> Result<Self> {
+        Ok(Self {
+            _backends: Vec::new(),
+            lab: Lab::new(nodes).context("creating the lab")?,
+        })
+    }
+
     pub fn new(with_backends: bool) -> Result<Self> {
         let mut lab = Lab::new(1).context("creating the lab")?;
         let mut backends = Vec::new();
@@ -66,7 +76,10 @@ impl BenchLab {
                 },
             )?;
         }
-        Ok(Self { backends, lab })
+        Ok(Self {
+            _backends: backends,
+            lab,
+        })
     }
 
     /// Runs `argv` in the node's netns (and cgroup) with a time limit.

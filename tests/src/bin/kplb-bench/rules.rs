@@ -45,7 +45,10 @@ pub fn iptables(n: usize) -> String {
     for i in 0..n {
         let port_name = format!("default/{}:http", services::name(i));
         let vip = services::vip(i);
-        let svc_chain = format!("KUBE-SVC-{}", services::chain_hash(&format!("{port_name}tcp")));
+        let svc_chain = format!(
+            "KUBE-SVC-{}",
+            services::chain_hash(&format!("{port_name}tcp"))
+        );
         let _ = writeln!(c, ":{svc_chain} - [0:0]");
         let _ = writeln!(
             r,
@@ -92,7 +95,7 @@ pub fn iptables(n: usize) -> String {
 /// `nft -f` inputs for kube-proxy's nftables layout (table `ip kube-proxy`), services `0..n`:
 ///
 /// ```text
-/// nat-prerouting / nat-output (type nat, priority dstnat) -> services:
+/// nat-prerouting / nat-output (type nat, priority dstnat = -100) -> services:
 ///   ip daddr . meta l4proto . th dport vmap @service-ips      (one hash lookup, any n)
 /// service-ips: VIP . tcp . 80 : goto service-<hash>-default/svc-i/tcp/http
 /// service-...: masquerade off-cluster sources; numgen random mod 10 vmap { 0 : goto endpoint-..., ... }
@@ -111,9 +114,9 @@ pub fn nftables(n: usize) -> Vec<String> {
     let _ = writeln!(
         chains,
         "add table {T} {{ comment \"rules for kube-proxy\" ; }}\n\
-         add chain {T} nat-prerouting {{ type nat hook prerouting priority dstnat ; }}\n\
-         add chain {T} nat-output {{ type nat hook output priority dstnat ; }}\n\
-         add chain {T} nat-postrouting {{ type nat hook postrouting priority srcnat ; }}\n\
+         add chain {T} nat-prerouting {{ type nat hook prerouting priority -100 ; }}\n\
+         add chain {T} nat-output {{ type nat hook output priority -100 ; }}\n\
+         add chain {T} nat-postrouting {{ type nat hook postrouting priority 100 ; }}\n\
          add chain {T} mark-for-masquerade\n\
          add chain {T} masquerading\n\
          add chain {T} services\n\
@@ -133,7 +136,10 @@ pub fn nftables(n: usize) -> Vec<String> {
     for i in 0..n {
         let port_name = format!("default/{}/tcp/http", services::name(i));
         let vip = services::vip(i);
-        let svc_chain = format!("service-{}-{port_name}", &services::chain_hash(&port_name)[..8]);
+        let svc_chain = format!(
+            "service-{}-{port_name}",
+            &services::chain_hash(&port_name)[..8]
+        );
         let _ = writeln!(chains, "add chain {T} {svc_chain}");
         let mut vmap = Vec::with_capacity(ENDPOINTS);
         for j in 0..ENDPOINTS {
@@ -206,7 +212,7 @@ mod tests {
         let ipt = iptables(3);
         assert_eq!(ipt.matches("-j DNAT").count(), 30);
         assert_eq!(ipt.matches("--probability").count(), 27);
-        let last_svc = ipt.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d")).last();
+        let last_svc = ipt.lines().rfind(|l| l.starts_with("-A KUBE-SERVICES -d"));
         assert!(last_svc.is_some_and(|l| l.contains("172.30.0.3/32")));
         let nft = nftables(3).concat();
         assert_eq!(nft.matches("dnat to").count(), 30);

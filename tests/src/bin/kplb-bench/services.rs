@@ -1,7 +1,10 @@
 //! The synthetic cluster every dataplane is built from: `n` ClusterIP Services of one TCP port
 //! (80 -> 8080) with 10 endpoints each. The measured Service is the last one (`n - 1`), the one a
 //! linear rule walk reaches last; its endpoints are the lab's 10 netexec pods. Every other
-//! endpoint is a distinct address in 10.128.0.0/9 that nothing answers (never connected to).
+//! endpoint is an address in 10.128.0.0/9 that nothing answers (never connected to), distinct
+//! up to [`ENDPOINT_POOL`] addresses: 30k services × 10 endpoints reuse some (Kubernetes' tested
+//! limit is 150k pods per cluster, so they would share pods anyway, and kplb's backend map holds
+//! 262,144 entries).
 
 use std::{fmt::Write as _, fs, net::Ipv4Addr, path::Path};
 
@@ -12,6 +15,8 @@ pub const PORT: u16 = 80;
 pub const TARGET_PORT: u16 = 8080;
 pub const ENDPOINTS: usize = 10;
 pub const NODE: &str = "node1";
+/// Distinct dummy endpoint addresses.
+pub const ENDPOINT_POOL: usize = 200_000;
 
 /// ClusterIP of service `i`: the (i+1)-th address of 172.30.0.0/16.
 pub fn vip(i: usize) -> Ipv4Addr {
@@ -33,7 +38,7 @@ pub fn endpoint(n: usize, i: usize, j: usize) -> Ipv4Addr {
     if i + 1 == n {
         pod_ip(j)
     } else {
-        Ipv4Addr::from(0x0a80_0000 + (i * ENDPOINTS + j) as u32)
+        Ipv4Addr::from(0x0a80_0000 + ((i * ENDPOINTS + j) % ENDPOINT_POOL) as u32)
     }
 }
 

@@ -1,0 +1,378 @@
+//! The agent's sync pipeline in-process (`cargo xtask bench`, section 4; root, bpffs).
+//!
+//! ```text
+//! cargo bench -p lb-agent --bench sync -- [--quick] [--configs N:K[,N:K...]] [--out FILE]
+//! ```
+//! Each configuration N:K is N services and K changes (default 1000:1000,10000:10; quick
+//! 1000:50): a change costs a few ms at 1k services but seconds at 10k, where the desired
+//! state is recomputed for every service.
+//! The library pipeline the agent runs on every change — `objects::inventory` +
+//! `model::desired_state` + `sync::Reconciler::apply` — against the real maps
+//! (`BpfDatapath::load`, pinned under a private `/sys/fs/bpf/kplb-bench-sync-<pid>` that is
+//! removed at the end) for N ClusterIP services of 10 endpoints each:
+//!
+//! 1. a full sync from empty maps, split into its phases, with every map operation the
+//!    reconciler issues timed by kind (a wrapper around the real datapath);
+//! 2. K single EndpointSlice changes (one service alternates between 10 and 9 endpoints, so
+//!    each change rebuilds one Maglev table and rewrites one frontend), each timed as the
+//!    agent would do it: inventory over all objects, desired state, apply.
+//!
+//! Prints a JSON document (and writes it to `--out`).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_agent::{
+    datapath::{BpfDatapath, DatapathError, LoadOptions},
+    model::{self, NodeConfig},
+    objects, standalone,
+    sync::{Datapath, Reconciler},
+};
+use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal};
+use serde_json::{Value, json};
+
+const ENDPOINTS: usize = 10;
+const SEED: u64 = 0x6b70_6c62;
+
+struct Args {
+    quick: bool,
+    /// (services, changes, prefill): with `prefill` the first sync goes through a no-op
+    /// datapath (the reconciler believes everything is written) and only the changes touch the
+    /// real maps, which skips ~10 ms of kernel RCU wait per table of the initial sync (measured
+    /// by the configurations without it, and end to end by the lab bench).
+    configs: Vec<(usize, usize, bool)>,
+    out: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let quick = argv.iter().any(|a| a == "--quick");
+    let value = |flag: &str| {
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+            .cloned()
+    };
+    let default = if quick {
+        "1000:50"
+    } else {
+        "1000:1000,10000:20:prefill"
+    };
+    let configs = value("--configs")
+        .unwrap_or_else(|| default.to_owned())
+        .split(',')
+        .filter_map(|c| {
+            let mut it = c.split(':');
+            let (n, k) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?);
+            Some((n, k, it.next() == Some("prefill")))
+        })
+        .collect();
+    Args {
+        quick,
+        configs,
+        out: value("--out").map(PathBuf::from),
+    }
+}
+
+/// The same synthetic services as the lab bench: ClusterIP 172.30.x.y, port 80 -> 8080,
+/// endpoints 10.128.0.0 + 10 i + j (distinct per service).
+fn service_doc(i: usize, endpoints: usize, out: &mut String) {
+    let n = (i + 1) as u32;
+    let vip = std::net::Ipv4Addr::from(0xac1e_0000 | (n & 0xffff));
+    let _ = write!(
+        out,
+        "---\n{{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{{\"name\":\"svc-{i}\",\"namespace\":\"default\"}},\
+         \"spec\":{{\"type\":\"ClusterIP\",\"clusterIP\":\"{vip}\",\"clusterIPs\":[\"{vip}\"],\"ipFamilies\":[\"IPv4\"],\
+         \"ports\":[{{\"name\":\"http\",\"protocol\":\"TCP\",\"port\":80,\"targetPort\":8080}}]}}}}\n"
+    );
+    let eps: Vec<String> = (0..endpoints)
+        .map(|j| {
+            let ip = std::net::Ipv4Addr::from(0x0a80_0000 + (i * ENDPOINTS + j) as u32);
+            format!(
+                "{{\"addresses\":[\"{ip}\"],\"conditions\":{{\"ready\":true,\"serving\":true,\"terminating\":false}},\"nodeName\":\"node1\"}}"
+            )
+        })
+        .collect();
+    let _ = write!(
+        out,
+        "---\n{{\"apiVersion\":\"discovery.k8s.io/v1\",\"kind\":\"EndpointSlice\",\"metadata\":{{\"name\":\"svc-{i}-1\",\"namespace\":\"default\",\
+         \"labels\":{{\"kubernetes.io/service-name\":\"svc-{i}\"}}}},\"addressType\":\"IPv4\",\
+         \"ports\":[{{\"name\":\"http\",\"protocol\":\"TCP\",\"port\":8080}}],\"endpoints\":[{}]}}\n",
+        eps.join(",")
+    );
+}
+
+fn parse(text: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut problems = Vec::new();
+    let objects = standalone::parse_documents(text, &mut problems).expect("generated YAML parses");
+    assert!(problems.is_empty(), "{problems:?}");
+    (objects.services, objects.slices)
+}
+
+/// Times every datapath operation by kind, delegating to the real datapath.
+struct Timed<'a> {
+    inner: &'a mut BpfDatapath,
+    ops: BTreeMap<&'static str, (usize, Duration)>,
+}
+
+impl Timed<'_> {
+    fn time<T>(&mut self, kind: &'static str, f: impl FnOnce(&mut BpfDatapath) -> T) -> T {
+        let t = Instant::now();
+        let r = f(self.inner);
+        let e = self.ops.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += t.elapsed();
+        r
+    }
+}
+
+impl Datapath for Timed<'_> {
+    type Error = DatapathError;
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), DatapathError> {
+        self.time("set_backend", |d| d.set_backend(id, b))
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.time("del_backend", |d| d.del_backend(id))
+    }
+    fn set_table(&mut self, id: u32, t: &[MaglevSlot]) -> Result<(), DatapathError> {
+        self.time("set_table", |d| d.set_table(id, t))
+    }
+    fn del_table(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.time("del_table", |d| d.del_table(id))
+    }
+    fn set_frontend(&mut self, k: &SvcKey, v: &SvcVal) -> Result<(), DatapathError> {
+        self.time("set_frontend", |d| d.set_frontend(k, v))
+    }
+    fn del_frontend(&mut self, k: &SvcKey) -> Result<(), DatapathError> {
+        self.time("del_frontend", |d| d.del_frontend(k))
+    }
+    fn set_src_range(
+        &mut self,
+        group: u32,
+        net: std::net::IpAddr,
+        prefix: u8,
+        present: bool,
+    ) -> Result<(), DatapathError> {
+        self.time("set_src_range", |d| {
+            d.set_src_range(group, net, prefix, present)
+        })
+    }
+    fn purge_affinity(&mut self, group: u32, keep: &[u32]) -> Result<(), DatapathError> {
+        self.time("purge_affinity", |d| d.purge_affinity(group, keep))
+    }
+    fn purge_affinity_groups(&mut self, purges: &[(u32, Vec<u32>)]) -> Result<(), DatapathError> {
+        self.time("purge_affinity", |d| d.purge_affinity_groups(purges))
+    }
+}
+
+fn ops_json(ops: &BTreeMap<&'static str, (usize, Duration)>) -> Value {
+    ops.iter()
+        .map(|(k, (n, d))| {
+            (
+                (*k).to_owned(),
+                json!({"count": n, "total_ms": d.as_secs_f64() * 1e3,
+                       "mean_us": d.as_secs_f64() * 1e6 / (*n).max(1) as f64}),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn dist(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({"count": v.len(), "p50": pct(&v, 50.0), "p99": pct(&v, 99.0), "max": pct(&v, 100.0)})
+}
+
+/// The private pin directory; removed when dropped (also on panic).
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn main() {
+    let a = args();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("sync bench: SKIPPED (needs root to load BPF maps)");
+        println!("{}", json!({"skipped": "needs root"}));
+        return;
+    }
+    // Leftovers of killed runs (their pid is gone).
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("kplb-bench-sync-")
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let mut results = Vec::new();
+    for &(n, changes, prefill) in &a.configs {
+        eprintln!("sync bench: {n} services, {changes} changes, prefill {prefill}");
+        results.push(run_config(n, changes, prefill));
+    }
+    let result = json!({"quick": a.quick, "configs": results});
+    println!("{result}");
+    if let Some(out) = a.out {
+        std::fs::write(
+            &out,
+            serde_json::to_string_pretty(&result).unwrap_or_default(),
+        )
+        .unwrap_or_else(|e| eprintln!("sync bench: writing {}: {e}", out.display()));
+    }
+}
+
+/// Accepts every operation and does nothing: the initial population of a `prefill` run.
+struct NoOp;
+
+impl Datapath for NoOp {
+    type Error = std::io::Error;
+    fn set_backend(&mut self, _: u32, _: &Backend) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn del_backend(&mut self, _: u32) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn set_table(&mut self, _: u32, _: &[MaglevSlot]) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn del_table(&mut self, _: u32) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn set_frontend(&mut self, _: &SvcKey, _: &SvcVal) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn del_frontend(&mut self, _: &SvcKey) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/kplb-bench-sync-{}",
+        std::process::id()
+    )));
+    let measured = n - 1;
+    let mut text = String::with_capacity(n * 1100);
+    for i in 0..n {
+        service_doc(i, ENDPOINTS, &mut text);
+    }
+    let t = Instant::now();
+    let (services, mut slices) = parse(&text);
+    let parse_s = t.elapsed().as_secs_f64();
+    let variants: Vec<EndpointSlice> = [ENDPOINTS - 1, ENDPOINTS]
+        .iter()
+        .map(|&k| {
+            let mut one = String::new();
+            service_doc(measured, k, &mut one);
+            parse(&one).1.remove(0)
+        })
+        .collect();
+    let slot = slices
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some(&format!("svc-{measured}-1")))
+        .expect("the measured slice");
+
+    let mut dp = BpfDatapath::load(&pins.0, LoadOptions::default()).expect("loading the datapath");
+    let node = NodeConfig {
+        node_name: "node1".into(),
+        ..NodeConfig::default()
+    };
+    let mut rec = Reconciler::new(SEED);
+    let mut errors = Vec::new();
+
+    // 1. Full sync from empty maps.
+    let t0 = Instant::now();
+    let inv = objects::inventory(services.iter(), slices.iter(), &mut |_| {});
+    let t1 = Instant::now();
+    let desired = model::desired_state(&inv, &node, &mut |_| {});
+    let t2 = Instant::now();
+    let mut timed = Timed {
+        inner: &mut dp,
+        ops: BTreeMap::new(),
+    };
+    let stats = if prefill {
+        rec.apply(&desired, &mut NoOp, &mut |e| errors.push(e))
+    } else {
+        rec.apply(&desired, &mut timed, &mut |e| errors.push(e))
+    };
+    let t3 = Instant::now();
+    let full = json!({
+        "prefill_noop_datapath": prefill,
+        "inventory_ms": (t1 - t0).as_secs_f64() * 1e3,
+        "desired_ms": (t2 - t1).as_secs_f64() * 1e3,
+        "apply_ms": (t3 - t2).as_secs_f64() * 1e3,
+        "total_ms": (t3 - t0).as_secs_f64() * 1e3,
+        "frontends": stats.frontends,
+        "tables": stats.groups,
+        "backends": stats.backends,
+        "errors": stats.errors,
+        "ops": ops_json(&timed.ops),
+    });
+    eprintln!("sync bench: full sync of {n} services: {full}");
+
+    // 2. Single EndpointSlice changes.
+    let (mut inv_ms, mut des_ms, mut app_ms, mut tot_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut change_ops = BTreeMap::new();
+    let mut writes = 0usize;
+    for c in 0..changes {
+        slices[slot] = variants[c % 2].clone();
+        let t0 = Instant::now();
+        let inv = objects::inventory(services.iter(), slices.iter(), &mut |_| {});
+        let t1 = Instant::now();
+        let desired = model::desired_state(&inv, &node, &mut |_| {});
+        let t2 = Instant::now();
+        let mut timed = Timed {
+            inner: &mut dp,
+            ops: std::mem::take(&mut change_ops),
+        };
+        let st = rec.apply(&desired, &mut timed, &mut |e| errors.push(e));
+        let t3 = Instant::now();
+        change_ops = timed.ops;
+        writes += st.writes;
+        inv_ms.push((t1 - t0).as_secs_f64() * 1e3);
+        des_ms.push((t2 - t1).as_secs_f64() * 1e3);
+        app_ms.push((t3 - t2).as_secs_f64() * 1e3);
+        tot_ms.push((t3 - t0).as_secs_f64() * 1e3);
+    }
+    let result = json!({
+        "services": n,
+        "endpoints_per_service": ENDPOINTS,
+        "maglev_table_size": node.maglev_table_size,
+        "yaml_parse_s": parse_s,
+        "full_sync": full,
+        "change": {
+            "count": changes,
+            "writes_per_change": writes as f64 / changes.max(1) as f64,
+            "inventory_ms": dist(inv_ms),
+            "desired_ms": dist(des_ms),
+            "apply_ms": dist(app_ms),
+            "total_ms": dist(tot_ms),
+            "ops": ops_json(&change_ops),
+        },
+        "errors": errors.len(),
+        "first_errors": errors.iter().take(3).collect::<Vec<_>>(),
+    });
+    drop(dp);
+    drop(pins);
+    result
+}
