@@ -19,7 +19,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need (idempotent): nightly rust-src, LLVM 22 dev
-    /// packages, bpf-linker built for LLVM 22, bpftool, iproute2; mount bpffs.
+    /// packages, bpf-linker built for LLVM 22, bpftool, iproute2, and iptables, nftables and
+    /// ipvsadm for the benchmarks; mount bpffs.
     Setup,
     /// Build the eBPF programs (release, with BTF) and copy the object to target/bpf/lb-ebpf.o.
     BuildEbpf,
@@ -35,9 +36,11 @@ enum Cmd {
     /// A 2-node lab of network namespaces with one agent per node, real ClusterIP traffic, and
     /// the backend spread, then teardown.
     Demo,
-    /// Benchmarks; results go to bench/.
+    /// Benchmarks (root): XDP per-packet cost, ClusterIP connections through kplb and kube-proxy's
+    /// iptables/nftables/IPVS dataplanes at 100..30k services, NodePort packet rate, control
+    /// plane, Maglev. Writes bench/RESULTS.md and bench/services.svg.
     Bench {
-        /// Shorter runs.
+        /// Fewer sizes and iterations (under 5 minutes); writes target/bench/RESULTS-quick.md.
         #[arg(long)]
         quick: bool,
     },

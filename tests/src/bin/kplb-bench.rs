@@ -95,7 +95,7 @@ fn control_config(quick: bool) -> control::Config {
         services: if quick { 1000 } else { 10_000 },
         cold_starts: 1,
         // At 10k services one change costs seconds (see the results).
-        changes: if quick { 50 } else { 30 },
+        changes: if quick { 50 } else { 20 },
     }
 }
 
@@ -127,9 +127,10 @@ fn run(a: &Args) -> Result<Value> {
                         }
                     }),
                     runs: if a.quick { 3 } else { 5 },
-                    count: if a.quick { 1000 } else { 5000 },
-                    warmup: if a.quick { 100 } else { 300 },
+                    count: if a.quick { 1000 } else { 3000 },
+                    warmup: if a.quick { 100 } else { 200 },
                     client,
+                    partial: a.out.with_extension("conn-partial.json"),
                     // Section 4 rides on kplb's run at this size when both are asked for.
                     control: a
                         .sections
@@ -160,7 +161,7 @@ fn run(a: &Args) -> Result<Value> {
             }
             "nodeport" => {
                 let cfg = nodeport::Config {
-                    seconds: if a.quick { 1.0 } else { 3.0 },
+                    seconds: if a.quick { 1.0 } else { 2.0 },
                     runs: if a.quick { 3 } else { 5 },
                 };
                 nodeport::run(&cfg, &mut rng)

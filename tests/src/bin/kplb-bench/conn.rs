@@ -31,6 +31,9 @@ pub struct Config {
     pub count: usize,
     pub warmup: usize,
     pub client: PathBuf,
+    /// Results so far, rewritten after every measurement (a long run that is interrupted
+    /// keeps what it measured).
+    pub partial: PathBuf,
     /// Section 4 on kplb's agent at this size, after its connection runs (the cold start is
     /// the one measured here): (services, changes).
     pub control: Option<(usize, usize)>,
@@ -99,6 +102,10 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<(Value, Option<Value>)> {
                 json!({"dataplane": dp.to_string(), "services": n, "error": format!("{e:#}")})
             });
             results.push(res);
+            let partial = json!({"results": results, "order": orders, "control": control});
+            if let Err(e) = fs::write(&cfg.partial, partial.to_string()) {
+                eprintln!("kplb-bench: writing {}: {e}", cfg.partial.display());
+            }
         }
     }
     Ok((
