@@ -145,6 +145,12 @@ impl Datapath for Timed<'_> {
     fn del_table(&mut self, id: u32) -> Result<(), DatapathError> {
         self.time("del_table", |d| d.del_table(id))
     }
+    fn set_tables(&mut self, t: &[(u32, Vec<MaglevSlot>)]) -> Vec<Result<(), DatapathError>> {
+        self.time("set_tables", |d| d.set_tables(t))
+    }
+    fn del_tables(&mut self, ids: &[u32]) -> Vec<Result<(), DatapathError>> {
+        self.time("del_tables", |d| d.del_tables(ids))
+    }
     fn set_frontend(&mut self, k: &SvcKey, v: &SvcVal) -> Result<(), DatapathError> {
         self.time("set_frontend", |d| d.set_frontend(k, v))
     }

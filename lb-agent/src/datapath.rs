@@ -9,7 +9,7 @@
 use std::{
     fs,
     net::IpAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -34,6 +34,8 @@ use lb_common::{
 use tracing::{debug, info};
 
 use crate::sync::{self, Existing};
+
+mod batch;
 
 /// The programs object, built by build.rs from lb-ebpf.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -142,6 +144,8 @@ pub struct BpfDatapath {
     services: HashMap<MapData, SvcKey, SvcVal>,
     backends: HashMap<MapData, u32, Backend>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, MaglevSlot>>,
+    /// `maglev`'s fd, for the batch syscalls aya does not wrap.
+    maglev_fd: OwnedFd,
     ct: HashMap<MapData, CtKey, CtVal>,
     config: Array<MapData, Config>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
@@ -183,10 +187,23 @@ impl BpfDatapath {
         }
         loader.map_max_entries(maps::CT, opts.conntrack_max.max(1));
         let mut ebpf = loader.load(PROGRAMS)?;
+        let maglev = ebpf
+            .take_map(maps::MAGLEV)
+            .ok_or(DatapathError::MissingMap(maps::MAGLEV))?;
+        let maglev_fd = match &maglev {
+            Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
+            _ => Err(std::io::Error::from(std::io::ErrorKind::InvalidInput)),
+        }
+        .map_err(io(format!("map {}", maps::MAGLEV)))?;
+        let maglev = HashOfMaps::try_from(maglev).map_err(|source| DatapathError::Map {
+            name: maps::MAGLEV,
+            source,
+        })?;
         Ok(Self {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
-            maglev: take(&mut ebpf, maps::MAGLEV)?,
+            maglev,
+            maglev_fd,
             ct: take(&mut ebpf, maps::CT)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             src_ranges: take(&mut ebpf, maps::SRC_RANGES)?,
@@ -432,6 +449,31 @@ impl BpfDatapath {
             groups: self.maglev.keys().filter_map(Result::ok).collect(),
         }
     }
+
+    /// The table of group `id` as the programs see it (`None`: no table).
+    pub fn table(&self, id: u32) -> Result<Option<Vec<MaglevSlot>>, DatapathError> {
+        let inner = match self.maglev.get(&id, 0) {
+            Ok(inner) => inner,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: maps::MAGLEV,
+                    source,
+                });
+            }
+        };
+        (0..inner.len())
+            .map(|i| inner.get(&i, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+            .map_err(|source| DatapathError::Map {
+                name: maps::MAGLEV,
+                source,
+            })
+    }
 }
 
 /// LPM key for `net/prefix` of `group`: the group id is always matched in full.
@@ -528,18 +570,57 @@ impl sync::Datapath for BpfDatapath {
     }
 
     fn set_table(&mut self, id: u32, table: &[MaglevSlot]) -> Result<(), DatapathError> {
-        let inner = new_table(table)?;
         // One update swaps the whole table: readers see the old or the new one.
-        self.maglev
-            .insert(id, &inner, 0)
-            .map_err(|source| DatapathError::Map {
-                name: maps::MAGLEV,
-                source,
-            })
+        let inner = new_table(table)?;
+        self.set_inner(id, &inner)
+    }
+
+    /// Every outer-map write makes the kernel wait for an RCU grace period (~10 ms) so that
+    /// no program still uses the old table when the call returns; one batch waits once.
+    fn set_tables(&mut self, tables: &[(u32, Vec<MaglevSlot>)]) -> Vec<Result<(), DatapathError>> {
+        let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(tables.len());
+        let mut staged = Vec::new(); // (index into results, key, inner map)
+        for (i, (id, table)) in tables.iter().enumerate() {
+            match new_table(table) {
+                Ok(inner) => {
+                    staged.push((i, *id, inner));
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        let keys: Vec<u32> = staged.iter().map(|(_, id, _)| *id).collect();
+        let fds: Vec<u32> = staged
+            .iter()
+            .map(|(_, _, inner)| inner.map().fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        let outcome = batch::update(self.maglev_fd.as_fd(), &keys, &fds);
+        for ((i, id, inner), r) in staged.iter().zip(outcome) {
+            if let Err(e) = r {
+                results[*i] = match e {
+                    batch::Failed::Unsupported => self.set_inner(*id, inner),
+                    batch::Failed::Os(e) => Err(io(format!("map {} update", maps::MAGLEV))(e)),
+                };
+            }
+        }
+        results
     }
 
     fn del_table(&mut self, id: u32) -> Result<(), DatapathError> {
         ignore_missing(self.maglev.remove(&id), maps::MAGLEV)
+    }
+
+    fn del_tables(&mut self, ids: &[u32]) -> Vec<Result<(), DatapathError>> {
+        batch::delete(self.maglev_fd.as_fd(), ids)
+            .into_iter()
+            .zip(ids)
+            .map(|(r, id)| match r {
+                Ok(()) => Ok(()),
+                Err(batch::Failed::Unsupported) => self.del_table(*id),
+                Err(batch::Failed::Os(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                Err(batch::Failed::Os(e)) => Err(io(format!("map {} delete", maps::MAGLEV))(e)),
+            })
+            .collect()
     }
 
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), DatapathError> {
@@ -592,6 +673,21 @@ impl sync::Datapath for BpfDatapath {
             debug!(purged = stale.len(), "affinity pins purged");
         }
         Ok(())
+    }
+}
+
+impl BpfDatapath {
+    fn set_inner(
+        &mut self,
+        id: u32,
+        inner: &Array<MapData, MaglevSlot>,
+    ) -> Result<(), DatapathError> {
+        self.maglev
+            .insert(id, inner, 0)
+            .map_err(|source| DatapathError::Map {
+                name: maps::MAGLEV,
+                source,
+            })
     }
 }
 

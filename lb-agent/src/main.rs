@@ -109,8 +109,8 @@ impl Source {
     fn snapshot(&self) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
         match self {
             Self::Dir(dir) => (
-                dir.services().cloned().map(Arc::new).collect(),
-                dir.slices().cloned().map(Arc::new).collect(),
+                dir.shared_services().cloned().collect(),
+                dir.shared_slices().cloned().collect(),
             ),
             Self::Kube(kube) => (kube.services(), kube.slices()),
         }

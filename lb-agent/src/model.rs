@@ -16,7 +16,8 @@ use lb_common::{
 
 use crate::{
     objects::{
-        EndpointInfo, Inventory, Protocol, ServiceInfo, ServiceName, ServicePort, TrafficPolicy,
+        EndpointInfo, Inventory, Protocol, ServiceInfo, ServiceName, ServicePort, SliceInfo,
+        TrafficPolicy,
     },
     topology,
 };
@@ -131,12 +132,18 @@ struct PortEndpoints {
 /// are reported through `warn` and resolved safely.
 pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(String)) -> Desired {
     let mut out = Desired::default();
+    // Each service's slices, found once (not by scanning every slice per service port).
+    let mut slices: BTreeMap<&ServiceName, Vec<&SliceInfo>> = BTreeMap::new();
+    for s in inv.slices.values() {
+        slices.entry(&s.service).or_default().push(s);
+    }
     for svc in inv.services.values() {
+        let svc_slices = slices.get(&svc.id).map_or(&[][..], Vec::as_slice);
         for (port, ipv6) in svc.ports.iter().flat_map(|p| [(p, false), (p, true)]) {
             if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ipv6) {
                 continue;
             }
-            let eps = port_endpoints(inv, svc, port, ipv6, node);
+            let eps = port_endpoints(svc_slices, svc, port, ipv6, node);
             let internal = match svc.internal_policy {
                 TrafficPolicy::Cluster => &eps.all,
                 TrafficPolicy::Local => &eps.local,
@@ -381,7 +388,7 @@ fn table_size(svc: &ServiceInfo, n: usize, node: &NodeConfig, warn: &mut dyn FnM
 /// (separately for the cluster-wide and the node-local set). The cluster-wide set also follows
 /// topology hints (see [`topology`]).
 fn port_endpoints(
-    inv: &Inventory,
+    slices: &[&SliceInfo],
     svc: &ServiceInfo,
     port: &ServicePort,
     ipv6: bool,
@@ -390,7 +397,7 @@ fn port_endpoints(
     let node = node_cfg.node_name.as_str();
     let zone = node_cfg.zone.as_deref();
     let mut by_addr: BTreeMap<IpAddr, (u16, EndpointInfo)> = BTreeMap::new();
-    for slice in inv.slices.values().filter(|s| s.service == svc.id) {
+    for slice in slices {
         let Some(sp) = slice
             .ports
             .iter()

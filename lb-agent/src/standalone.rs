@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -35,7 +36,26 @@ pub struct FileObjects {
 #[derive(Debug)]
 struct FileState {
     sig: Signature,
-    objects: FileObjects,
+    objects: SharedObjects,
+}
+
+/// A file's objects behind `Arc`s: a sync takes them without copying, and an unchanged file
+/// keeps handing out the same allocations.
+#[derive(Debug, Default)]
+struct SharedObjects {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    nodes: Vec<Node>,
+}
+
+impl From<FileObjects> for SharedObjects {
+    fn from(o: FileObjects) -> Self {
+        Self {
+            services: o.services.into_iter().map(Arc::new).collect(),
+            slices: o.slices.into_iter().map(Arc::new).collect(),
+            nodes: o.nodes,
+        }
+    }
 }
 
 /// The parsed contents of a manifest directory.
@@ -79,6 +99,7 @@ impl ManifestDir {
             changed = true;
             match read_file(&path, problems) {
                 Ok(objects) => {
+                    let objects = objects.into();
                     self.files.insert(path, FileState { sig, objects });
                 }
                 Err(e) => {
@@ -104,10 +125,18 @@ impl ManifestDir {
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.files.values().flat_map(|f| f.objects.services.iter())
+        self.shared_services().map(|s| &**s)
     }
 
     pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.shared_slices().map(|s| &**s)
+    }
+
+    pub fn shared_services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.files.values().flat_map(|f| f.objects.services.iter())
+    }
+
+    pub fn shared_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
         self.files.values().flat_map(|f| f.objects.slices.iter())
     }
 

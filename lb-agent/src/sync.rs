@@ -23,6 +23,18 @@ pub trait Datapath {
     /// Replaces group `id`'s table atomically with `table` (backend ids).
     fn set_table(&mut self, id: u32, table: &[MaglevSlot]) -> Result<(), Self::Error>;
     fn del_table(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// [`Datapath::set_table`] for several tables, one result each, in order. The BPF
+    /// datapath swaps them in with one syscall (one RCU grace period instead of one per table).
+    fn set_tables(&mut self, tables: &[(u32, Vec<MaglevSlot>)]) -> Vec<Result<(), Self::Error>> {
+        tables
+            .iter()
+            .map(|(id, t)| self.set_table(*id, t))
+            .collect()
+    }
+    /// [`Datapath::del_table`] for several tables, one result each, in order.
+    fn del_tables(&mut self, ids: &[u32]) -> Vec<Result<(), Self::Error>> {
+        ids.iter().map(|id| self.del_table(*id)).collect()
+    }
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), Self::Error>;
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), Self::Error>;
     /// Adds (`present`) or removes a loadBalancerSourceRanges entry of table `group`. The
@@ -108,6 +120,12 @@ pub struct Reconciler {
     seed: u64,
     backend_ids: Ids,
     backends: HashMap<Backend, u32>,
+    /// How many groups' tables in the maps name each backend (`AppliedGroup::backends`): a
+    /// sync only looks at the backends whose count may have dropped, not at all of them.
+    named: HashMap<Backend, u32>,
+    /// Backends to check for removal at the next sync: written for a table that is not in the
+    /// maps yet (its build or write failed), or adopted from a previous agent.
+    loose: BTreeSet<Backend>,
     group_ids: Ids,
     groups: BTreeMap<GroupKey, AppliedGroup>,
     frontends: BTreeMap<SvcKey, SvcVal>,
@@ -136,6 +154,8 @@ impl Reconciler {
             seed,
             backend_ids: Ids::default(),
             backends: HashMap::new(),
+            named: HashMap::new(),
+            loose: BTreeSet::new(),
             group_ids: Ids::default(),
             groups: BTreeMap::new(),
             frontends: BTreeMap::new(),
@@ -165,6 +185,7 @@ impl Reconciler {
         for (id, b) in existing.backends {
             r.backend_ids.used.insert(id);
             r.backends.insert(b, id);
+            r.loose.insert(b);
         }
         for g in existing.groups {
             r.group_ids.used.insert(g);
@@ -192,11 +213,19 @@ impl Reconciler {
             on_error(what);
         };
 
-        // 1. Backends every desired table needs.
-        let wanted: BTreeSet<Backend> = desired
+        // 1. Backends the changed tables need. A table whose backends did not change names
+        // only backends that are written already.
+        let changed: Vec<&[BackendSpec]> = desired
             .groups
-            .values()
-            .flat_map(|g| g.backends.iter().map(backend_value))
+            .iter()
+            .filter(|(k, g)| {
+                self.groups.get(*k).and_then(|a| a.backends.as_ref()) != Some(&g.backends)
+            })
+            .map(|(_, g)| g.backends.as_slice())
+            .collect();
+        let wanted: BTreeSet<Backend> = changed
+            .iter()
+            .flat_map(|b| b.iter().map(backend_value))
             .collect();
         for b in &wanted {
             if self.backends.contains_key(b) {
@@ -207,6 +236,7 @@ impl Reconciler {
                 Ok(()) => {
                     st.writes += 1;
                     self.backends.insert(*b, id);
+                    self.loose.insert(*b);
                 }
                 Err(e) => {
                     self.backend_ids.free(id);
@@ -215,7 +245,8 @@ impl Reconciler {
             }
         }
 
-        // 2. Tables whose backend set changed (or are new).
+        // 2. Tables whose backend set changed (or are new): built in parallel, swapped in
+        // with one batch.
         let mut emptied = Vec::new();
         // (group id, its backends now) of affinity groups that lost backends.
         let mut purge: Vec<(u32, Vec<BackendSpec>)> = Vec::new();
@@ -225,6 +256,7 @@ impl Reconciler {
             .filter(|fe| fe.affinity_timeout_s != 0)
             .map(|fe| &fe.group)
             .collect();
+        let mut jobs: Vec<TableJob<'_>> = Vec::new();
         for (key, group) in &desired.groups {
             let applied = self
                 .groups
@@ -247,41 +279,70 @@ impl Reconciler {
             {
                 purge.push((applied.id, group.backends.clone()));
             }
-            let result = if group.backends.is_empty() {
+            if group.backends.is_empty() {
                 // No table: the frontend's backend_count of 0 makes the programs reject. The
-                // old table goes only after the frontends stop pointing at it (step 4); deleting
+                // old table goes only after the frontends stop pointing at it (step 5); deleting
                 // it first would let a connect find a frontend without its table. Until then
                 // `backends` keeps describing the table that is still there.
                 if applied.backends.as_ref().is_some_and(|b| !b.is_empty()) {
                     emptied.push(key.clone());
-                    continue;
+                } else {
+                    let old = applied.backends.replace(Vec::new());
+                    rename(&mut self.named, &mut self.loose, old.as_deref(), &[]);
                 }
-                Ok(())
-            } else {
-                let previous = applied
+                continue;
+            }
+            jobs.push(TableJob {
+                key,
+                id: applied.id,
+                backends: &group.backends,
+                previous: applied
                     .backends
-                    .as_deref()
-                    .filter(|b| !b.is_empty() && !self.prev_window.is_zero());
-                build_table(&group.backends, key.table_size, self.seed, &self.backends)
-                    .map(|mut t| {
-                        let moved = previous.is_some_and(|old| {
-                            mark_previous_owners(
-                                &mut t,
-                                old,
-                                key.table_size,
-                                self.seed,
-                                &self.backends,
-                            )
-                        });
+                    .clone()
+                    .filter(|b| !b.is_empty() && !self.prev_window.is_zero()),
+            });
+        }
+        let (seed, ids) = (self.seed, &self.backends);
+        let built = par_map(&jobs, |j| {
+            let mut t = build_table(j.backends, j.key.table_size, seed, ids)?;
+            let moved = j
+                .previous
+                .as_deref()
+                .is_some_and(|old| mark_previous_owners(&mut t, old, j.key.table_size, seed, ids));
+            Ok::<_, String>((t, moved))
+        });
+        let mut staged = Vec::new();
+        let mut staged_jobs = Vec::new();
+        for (job, b) in jobs.iter().zip(built) {
+            match b {
+                Ok((table, moved)) => {
+                    staged.push((job.id, table));
+                    staged_jobs.push((job, moved));
+                }
+                Err(e) => fail(&mut st, format!("service {} table: {e}", job.key.service)),
+            }
+        }
+        let written = if staged.is_empty() {
+            Vec::new()
+        } else {
+            dp.set_tables(&staged)
+        };
+        for ((job, moved), r) in staged_jobs.into_iter().zip(written) {
+            match r {
+                Ok(()) => {
+                    st.writes += 1;
+                    if let Some(applied) = self.groups.get_mut(job.key) {
+                        let old = applied.backends.replace(job.backends.to_vec());
+                        rename(
+                            &mut self.named,
+                            &mut self.loose,
+                            old.as_deref(),
+                            job.backends,
+                        );
                         applied.prev_until = moved.then(|| Instant::now() + self.prev_window);
-                        t
-                    })
-                    .and_then(|t| dp.set_table(applied.id, &t).map_err(|e| e.to_string()))
-                    .inspect(|()| st.writes += 1)
-            };
-            match result {
-                Ok(()) => applied.backends = Some(group.backends.clone()),
-                Err(e) => fail(&mut st, format!("service {} table: {e}", key.service)),
+                    }
+                }
+                Err(e) => fail(&mut st, format!("service {} table: {e}", job.key.service)),
             }
         }
 
@@ -363,69 +424,75 @@ impl Reconciler {
             .filter(|v| v.backend_count > 0)
             .map(|v| v.group_id)
             .collect();
+        // Tables to delete, all in one batch: emptied ones nothing points at any more, those of
+        // groups no longer desired, and adopted ones no frontend uses now.
+        let live: BTreeSet<u32> = self.frontends.values().map(|v| v.group_id).collect();
+        let mut doomed: Vec<(u32, Doomed)> = Vec::new();
         for key in emptied {
-            let Some(g) = self.groups.get_mut(&key) else {
-                continue;
-            };
-            if in_use.contains(&g.id) {
-                continue;
-            }
-            match dp.del_table(g.id) {
-                Ok(()) => {
-                    st.writes += 1;
-                    g.backends = Some(Vec::new());
-                }
-                Err(e) => fail(
-                    &mut st,
-                    format!("remove emptied table of {}: {e}", key.service),
-                ),
+            if let Some(g) = self.groups.get(&key)
+                && !in_use.contains(&g.id)
+            {
+                doomed.push((g.id, Doomed::Emptied(key)));
             }
         }
         let stale: Vec<GroupKey> = self
             .groups
-            .keys()
-            .filter(|k| !desired.groups.contains_key(k))
-            .cloned()
+            .iter()
+            .filter(|(k, g)| !desired.groups.contains_key(*k) && !in_use.contains(&g.id))
+            .map(|(k, _)| k.clone())
             .collect();
         for key in stale {
-            if self
+            let has_table = self
                 .groups
                 .get(&key)
-                .is_some_and(|g| in_use.contains(&g.id))
-            {
-                continue;
-            }
-            let Some(g) = self.groups.get(&key) else {
-                continue;
-            };
-            if g.backends.as_ref().is_some_and(|b| !b.is_empty()) {
-                if let Err(e) = dp.del_table(g.id) {
-                    fail(&mut st, format!("remove table of {}: {e}", key.service));
-                    continue;
-                }
-                st.writes += 1;
-            }
-            if let Some(g) = self.groups.remove(&key) {
-                if g.affinity {
-                    // The id may be reused by another service: none of its pins may survive.
-                    purge.push((g.id, Vec::new()));
-                }
-                self.group_ids.free(g.id);
+                .is_some_and(|g| g.backends.as_ref().is_some_and(|b| !b.is_empty()));
+            match self.groups.get(&key) {
+                Some(g) if has_table => doomed.push((g.id, Doomed::Stale(key))),
+                _ => self.forget_group(&key, &mut purge),
             }
         }
-        let live: BTreeSet<u32> = self.frontends.values().map(|v| v.group_id).collect();
         let orphans = std::mem::take(&mut self.orphan_groups);
         for id in orphans {
             if live.contains(&id) {
                 self.orphan_groups.push(id);
-                continue;
+            } else {
+                doomed.push((id, Doomed::Orphan));
             }
-            // Adopted tables may or may not exist; a missing one is fine.
-            let _ = dp.del_table(id);
-            st.writes += 1;
-            // The id may be reused: drop the previous agent's pins of that group.
-            purge.push((id, Vec::new()));
-            self.group_ids.free(id);
+        }
+        let ids: Vec<u32> = doomed.iter().map(|(id, _)| *id).collect();
+        let deleted = if ids.is_empty() {
+            Vec::new()
+        } else {
+            dp.del_tables(&ids)
+        };
+        for ((id, what), r) in doomed.into_iter().zip(deleted) {
+            match (what, r) {
+                (Doomed::Emptied(key), Ok(())) => {
+                    st.writes += 1;
+                    if let Some(g) = self.groups.get_mut(&key) {
+                        let old = g.backends.replace(Vec::new());
+                        rename(&mut self.named, &mut self.loose, old.as_deref(), &[]);
+                    }
+                }
+                (Doomed::Emptied(key), Err(e)) => fail(
+                    &mut st,
+                    format!("remove emptied table of {}: {e}", key.service),
+                ),
+                (Doomed::Stale(key), Ok(())) => {
+                    st.writes += 1;
+                    self.forget_group(&key, &mut purge);
+                }
+                (Doomed::Stale(key), Err(e)) => {
+                    fail(&mut st, format!("remove table of {}: {e}", key.service));
+                }
+                // Adopted tables may or may not exist; a missing one is fine.
+                (Doomed::Orphan, _) => {
+                    st.writes += 1;
+                    // The id may be reused: drop the previous agent's pins of that group.
+                    purge.push((id, Vec::new()));
+                    self.group_ids.free(id);
+                }
+            }
         }
         // Now that no table names them, forget the pins to backends that left their group
         // (before the backends' ids can be freed and reused below).
@@ -444,29 +511,30 @@ impl Reconciler {
         {
             fail(&mut st, format!("purge affinity pins: {e}"));
         }
-        // Backends still named by a table that is in the maps (a kept one, or one whose
-        // rebuild failed) stay until that table changes.
-        let named: BTreeSet<Backend> = self
-            .groups
-            .values()
-            .filter_map(|g| g.backends.as_ref())
-            .flatten()
-            .map(backend_value)
-            .collect();
-        let stale: Vec<(Backend, u32)> = self
-            .backends
-            .iter()
-            .filter(|(b, _)| !wanted.contains(b) && !named.contains(b))
-            .map(|(b, id)| (*b, *id))
-            .collect();
-        for (b, id) in stale {
+        // Backends no table in the maps names any more, unless a changed table still wants
+        // them (its rebuild failed: they stay loose and are checked again next time).
+        let loose = std::mem::take(&mut self.loose);
+        for b in loose {
+            if self.named.contains_key(&b) {
+                continue;
+            }
+            let Some(&id) = self.backends.get(&b) else {
+                continue;
+            };
+            if wanted.contains(&b) {
+                self.loose.insert(b);
+                continue;
+            }
             match dp.del_backend(id) {
                 Ok(()) => {
                     st.writes += 1;
                     self.backends.remove(&b);
                     self.backend_ids.free(id);
                 }
-                Err(e) => fail(&mut st, format!("remove backend: {e}")),
+                Err(e) => {
+                    self.loose.insert(b);
+                    fail(&mut st, format!("remove backend: {e}"));
+                }
             }
         }
 
@@ -477,7 +545,79 @@ impl Reconciler {
     }
 }
 
-/// The Maglev table for a group, as backend ids.
+/// Moves a group's table from naming `old` to naming `new` in the per-backend counts; a
+/// backend that may have lost its last name becomes loose.
+fn rename(
+    named: &mut HashMap<Backend, u32>,
+    loose: &mut BTreeSet<Backend>,
+    old: Option<&[BackendSpec]>,
+    new: &[BackendSpec],
+) {
+    for b in new {
+        *named.entry(backend_value(b)).or_default() += 1;
+    }
+    for b in old.unwrap_or_default() {
+        let v = backend_value(b);
+        if let Some(n) = named.get_mut(&v) {
+            *n -= 1;
+            if *n == 0 {
+                named.remove(&v);
+                loose.insert(v);
+            }
+        }
+    }
+}
+
+/// A table to build and write in step 2 of [`Reconciler::apply`].
+struct TableJob<'a> {
+    key: &'a GroupKey,
+    id: u32,
+    backends: &'a [BackendSpec],
+    /// The backends of the table being replaced, when moved slots keep their previous owner.
+    previous: Option<Vec<BackendSpec>>,
+}
+
+/// Why a table is deleted in step 5 of [`Reconciler::apply`].
+enum Doomed {
+    Emptied(GroupKey),
+    Stale(GroupKey),
+    Orphan,
+}
+
+/// `f` over `items` on all CPUs (table builds are independent and CPU-bound), in order.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Below a few tables a thread costs more than it saves.
+    let chunk = items.len().div_ceil(threads).max(4);
+    if items.len() <= chunk {
+        return items.iter().map(&f).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+impl Reconciler {
+    /// Drops a group that is gone from the desired state and has no table in the maps.
+    fn forget_group(&mut self, key: &GroupKey, purge: &mut Vec<(u32, Vec<BackendSpec>)>) {
+        if let Some(g) = self.groups.remove(key) {
+            rename(&mut self.named, &mut self.loose, g.backends.as_deref(), &[]);
+            if g.affinity {
+                // The id may be reused by another service: none of its pins may survive.
+                purge.push((g.id, Vec::new()));
+            }
+            self.group_ids.free(g.id);
+        }
+    }
+}
+
 impl Reconciler {
     /// Rewrites, without previous owners, every table whose window ended by `now`. Returns how
     /// many tables were rewritten.
@@ -487,7 +627,8 @@ impl Reconciler {
         dp: &mut D,
         on_error: &mut dyn FnMut(String),
     ) -> usize {
-        let mut rewritten = 0;
+        let mut staged = Vec::new();
+        let mut keys = Vec::new();
         for (key, g) in &mut self.groups {
             if g.prev_until.is_none_or(|t| t > now) {
                 continue;
@@ -496,11 +637,24 @@ impl Reconciler {
                 g.prev_until = None;
                 continue;
             };
-            match build_table(backends, key.table_size, self.seed, &self.backends)
-                .and_then(|t| dp.set_table(g.id, &t).map_err(|e| e.to_string()))
-            {
+            match build_table(backends, key.table_size, self.seed, &self.backends) {
+                Ok(t) => {
+                    staged.push((g.id, t));
+                    keys.push(key.clone());
+                }
+                Err(e) => on_error(format!("service {} table: {e}", key.service)),
+            }
+        }
+        if staged.is_empty() {
+            return 0;
+        }
+        let mut rewritten = 0;
+        for (key, r) in keys.iter().zip(dp.set_tables(&staged)) {
+            match r {
                 Ok(()) => {
-                    g.prev_until = None;
+                    if let Some(g) = self.groups.get_mut(key) {
+                        g.prev_until = None;
+                    }
                     rewritten += 1;
                 }
                 Err(e) => on_error(format!("service {} table: {e}", key.service)),

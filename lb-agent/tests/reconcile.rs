@@ -945,6 +945,38 @@ fn a_failed_table_write_is_reported_and_isolated() {
 }
 
 #[test]
+fn a_backend_written_for_a_failed_table_goes_when_no_longer_wanted() {
+    let mut w = World::new();
+    let mut fake = Fake::default();
+    let mut r = Reconciler::new(SEED);
+    apply_ok(&mut r, &w.desired(), &mut fake);
+
+    // a gains 10.0.2.9: its backend is written, but a's new table cannot be.
+    fake.fail_if = fail_when(|op, maps| match op {
+        Op::SetTable(_, named) => named
+            .iter()
+            .any(|id| addr::to_ip(&maps.backends[id].addr) == ip("10.0.2.9")),
+        _ => false,
+    });
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
+    let (_, errors) = apply(&mut r, &w.desired(), &mut fake);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(
+        ids_of(&fake.maps, "10.0.2.9").len(),
+        1,
+        "written for the failed table"
+    );
+
+    // The endpoint goes away before any table named it: its backend must not stay behind.
+    fake.fail_if = None;
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2"]);
+    let d = w.desired();
+    apply_ok(&mut r, &d, &mut fake);
+    assert_converged(&fake, &d);
+    assert!(ids_of(&fake.maps, "10.0.2.9").is_empty());
+}
+
+#[test]
 fn a_failed_backend_write_leaves_the_service_on_its_old_table() {
     let mut w = World::new();
     let mut fake = Fake::default();

@@ -34,17 +34,7 @@ const SNAT_MAX: u16 = 61999;
 const TABLE: u32 = 251;
 
 fn root() -> bool {
-    // SAFETY: no arguments.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "xdp fixtures need root (BPF_PROG_TEST_RUN, netns); CI=true, so failing instead of skipping"
-        );
-    }
-    eprintln!("SKIPPED (xdp fixtures): needs root for BPF_PROG_TEST_RUN and a private netns");
-    false
+    common::root("xdp fixtures", "BPF_PROG_TEST_RUN and a private netns")
 }
 
 fn ip(args: &str) {

@@ -329,3 +329,17 @@ impl Slice {
         self.0
     }
 }
+
+/// Whether the test runs as root; without root it fails under `CI=true` and otherwise says
+/// it skips (`what` needs `why`).
+pub fn root(what: &str, why: &str) -> bool {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} need root ({why}); CI=true, so failing instead of skipping");
+    }
+    eprintln!("SKIPPED ({what}): needs root for {why}");
+    false
+}
