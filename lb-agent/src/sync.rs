@@ -3,7 +3,8 @@
 //! Order matters because programs read the maps while we write them: backends are written
 //! before the tables that name them, tables before the frontends that point at them, and removal
 //! goes the other way round. A table is replaced whole by one outer-map update, so a packet sees
-//! either the old or the new table, never a mix. Only what changed is written.
+//! either the old or the new table, never a mix; all of a sync's tables go in one batch, as each
+//! outer-map syscall waits for an RCU grace period. Only what changed is written.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
