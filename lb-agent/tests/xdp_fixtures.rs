@@ -130,6 +130,15 @@ impl Fx {
         ));
         ip("route add 203.0.113.0/24 dev veth0");
         ip("route add 10.0.2.0/24 via 192.168.0.3");
+        ip(&format!(
+            "neigh add 2001:db8::3 lladdr {} dev veth0 nud permanent",
+            mac(NODE2_MAC)
+        ));
+        ip(&format!(
+            "neigh add 2001:db8::10 lladdr {} dev veth0 nud permanent",
+            mac(CLIENT_MAC)
+        ));
+        ip("route add fd00:10:0:2::/64 via 2001:db8::3");
         // bpf_fib_lookup answers only for interfaces that forward.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
@@ -366,12 +375,14 @@ fn nodeport_local_remote_and_reply() {
     set_ports(&mut snat, Some(port), None);
     snat.src_mac = NODE_MAC;
     snat.dst_mac = NODE2_MAC;
+    snat.ttl = 63; // routed on: one hop less
     // The backend's SYN-ACK to node:port goes back to the client from the frontend.
     let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, port, SYN | ACK);
     reply.src_mac = NODE2_MAC;
     let mut reply_out = Pkt::tcp(NODE, 30081, CLIENT, 40001, SYN | ACK);
     reply_out.src_mac = NODE_MAC;
     reply_out.dst_mac = CLIENT_MAC;
+    reply_out.ttl = 63;
 
     let udp = Pkt::udp(CLIENT, 5353, NODE, 30082);
     let uport = snat_port(&udp);
@@ -380,6 +391,7 @@ fn nodeport_local_remote_and_reply() {
     set_ports(&mut udp_out, Some(uport), None);
     udp_out.src_mac = NODE_MAC;
     udp_out.dst_mac = NODE2_MAC;
+    udp_out.ttl = 63;
     let mut udp_nocsum = Pkt::new(
         CLIENT,
         NODE,
@@ -400,6 +412,7 @@ fn nodeport_local_remote_and_reply() {
     };
     udp_nocsum_out.src_mac = NODE_MAC;
     udp_nocsum_out.dst_mac = NODE2_MAC;
+    udp_nocsum_out.ttl = 63;
 
     table(
         &mut fx,
@@ -1052,6 +1065,222 @@ fn tc_egress_restores_frontend_source() {
     let unrelated = Pkt::tcp("10.0.1.5", 8080, CLIENT, 40999, ACK).build();
     let (v, out) = fx.tc(&unrelated);
     assert_eq!((v, out), (0, unrelated), "unrelated traffic untouched");
+}
+
+/// Packets XDP routes on lose one hop (IPv4 TTL with its header checksum, IPv6 hop limit);
+/// one that would leave with TTL 0 is answered like the kernel's forwarding path does, with
+/// ICMP time exceeded quoting what the client sent. Local backends keep the TTL (the kernel
+/// routes those itself).
+#[test]
+fn ttl_decremented_on_forwarded_packets() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("10.0.1.5", 8080, true);
+    let remote = fx.backend("10.0.2.5", 8080, false);
+    let remote6 = fx.backend("fd00:10:0:2::5", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend((NODE, 30080, 6), 1, slot(local), 1, 0);
+    fx.frontend((NODE, 30081, 6), 2, slot(remote), 1, 0);
+    fx.frontend((NODE, 30082, 17), 3, slot(remote), 1, 0);
+    fx.frontend(("2001:db8::2", 30081, 6), 4, slot(remote6), 1, 0);
+
+    let snat_out = |p: &Pkt, node: &str, backend: &str, ttl: u8| {
+        let mut o = with_dst(p, backend, 8080);
+        o.src = node.parse().unwrap();
+        set_ports(&mut o, Some(snat_port(p)), None);
+        o.src_mac = NODE_MAC;
+        o.dst_mac = NODE2_MAC;
+        o.ttl = ttl;
+        o.build()
+    };
+    let mut ttl2 = Pkt::tcp(CLIENT, 40010, NODE, 30081, SYN);
+    ttl2.ttl = 2;
+    let mut ttl1 = Pkt::tcp(CLIENT, 40011, NODE, 30081, SYN);
+    ttl1.ttl = 1;
+    let mut udp1 = Pkt::udp(CLIENT, 5300, NODE, 30082);
+    udp1.ttl = 1;
+    let mut local1 = Pkt::tcp(CLIENT, 40012, NODE, 30080, SYN);
+    local1.ttl = 1;
+    let v6 = Pkt::tcp("2001:db8::10", 40013, "2001:db8::2", 30081, SYN);
+    let mut v6_1 = Pkt::tcp("2001:db8::10", 40014, "2001:db8::2", 30081, SYN);
+    v6_1.ttl = 1;
+    let exceeded = |p: &Pkt, from: &str, to: &str| {
+        let q = p.ip();
+        let quote = if p.src.is_ipv4() { &q[..28] } else { &q[..48] };
+        let ty = if p.src.is_ipv4() { 11 } else { 3 };
+        let mut e = pkt::icmp_error(from, to, ty, 0, [0; 4], quote);
+        e.ip_id = 0;
+        let seg = e.segment();
+        e.eth(&e.ip_with(&seg, if p.src.is_ipv4() { 0x4000 } else { 0 }))
+    };
+    table(
+        &mut fx,
+        vec![
+            (
+                "TTL 64 -> remote backend leaves with 63",
+                Pkt::tcp(CLIENT, 40009, NODE, 30081, SYN).build(),
+                XDP_TX,
+                Some(snat_out(
+                    &Pkt::tcp(CLIENT, 40009, NODE, 30081, SYN),
+                    NODE,
+                    "10.0.2.5",
+                    63,
+                )),
+            ),
+            (
+                "TTL 2 -> remote backend leaves with 1",
+                ttl2.build(),
+                XDP_TX,
+                Some(snat_out(&ttl2, NODE, "10.0.2.5", 1)),
+            ),
+            (
+                "TTL 1 TCP -> remote backend: ICMP time exceeded to the client",
+                ttl1.build(),
+                XDP_TX,
+                Some(exceeded(&ttl1, NODE, CLIENT)),
+            ),
+            (
+                "TTL 1 UDP -> remote backend: ICMP time exceeded to the client",
+                udp1.build(),
+                XDP_TX,
+                Some(exceeded(&udp1, NODE, CLIENT)),
+            ),
+            (
+                "TTL 1 -> local backend: DNAT only, TTL left to the kernel",
+                local1.build(),
+                XDP_PASS,
+                Some(with_dst(&local1, "10.0.1.5", 8080).build()),
+            ),
+            (
+                "IPv6 hop limit 64 -> remote backend leaves with 63",
+                v6.build(),
+                XDP_TX,
+                Some(snat_out(&v6, "2001:db8::2", "fd00:10:0:2::5", 63)),
+            ),
+            (
+                "IPv6 hop limit 1 -> remote backend: ICMPv6 time exceeded",
+                v6_1.build(),
+                XDP_TX,
+                Some(exceeded(&v6_1, "2001:db8::2", "2001:db8::10")),
+            ),
+        ],
+    );
+    // The reply of the TTL-2 flow from the backend, arriving with TTL 1: it must not be
+    // routed on to the client either; the backend gets the time exceeded.
+    let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, snat_port(&ttl2), SYN | ACK);
+    reply.src_mac = NODE2_MAC;
+    reply.ttl = 1;
+    let mut back = {
+        let q = reply.ip();
+        pkt::icmp_error(NODE, "10.0.2.5", 11, 0, [0; 4], &q[..28])
+    };
+    back.ip_id = 0;
+    back.dst_mac = NODE2_MAC;
+    let seg = back.segment();
+    let back = back.eth(&back.ip_with(&seg, 0x4000));
+    table(
+        &mut fx,
+        vec![(
+            "reply with TTL 1: time exceeded back to the backend",
+            reply.build(),
+            XDP_TX,
+            Some(back),
+        )],
+    );
+}
+
+/// ICMPv6 errors about translated flows go back to the backend: the quoted packet and the
+/// outer destination reverse-translated, the quoted UDP checksum and the ICMPv6 checksum (with
+/// its pseudo header) fixed. Local backends: to the kernel; remote (SNAT) ones: routed on.
+#[test]
+fn icmpv6_errors_translated_back() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("fd00:10:0:1::5", 8080, true);
+    let remote = fx.backend("fd00:10:0:2::5", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend(("2001:db8::2", 30080, 6), 1, slot(local), 1, 0);
+    fx.frontend(("2001:db8::2", 30082, 17), 2, slot(remote), 1, 0);
+    const FE: &str = "2001:db8::2";
+    const C6: &str = "2001:db8::10";
+    const ROUTER: &str = "2001:db8::1";
+    let syn = Pkt::tcp(C6, 40000, FE, 30080, SYN);
+    let udp = Pkt::udp(C6, 5353, FE, 30082).payload(&[9u8; 64]);
+    let uport = snat_port(&udp);
+    let mut udp_out = with_dst(&udp, "fd00:10:0:2::5", 8080);
+    udp_out.src = FE.parse().unwrap();
+    set_ports(&mut udp_out, Some(uport), None);
+    udp_out.src_mac = NODE_MAC;
+    udp_out.dst_mac = NODE2_MAC;
+    udp_out.ttl = 63;
+    table(
+        &mut fx,
+        vec![
+            (
+                "syn",
+                syn.build(),
+                XDP_PASS,
+                Some(with_dst(&syn, "fd00:10:0:1::5", 8080).build()),
+            ),
+            ("udp", udp.build(), XDP_TX, Some(udp_out.build())),
+        ],
+    );
+    // A router on the client's side complains about the frontend's replies.
+    let error = |ty: u8, code: u8, rest: [u8; 4], quoted: &Pkt, dst: &str| {
+        let q = quoted.ip();
+        let mut e = pkt::icmp_error(ROUTER, dst, ty, code, rest, &q[..48]);
+        e.src_mac = CLIENT_MAC;
+        e.dst_mac = NODE_MAC;
+        e
+    };
+    let mtu = 1280u32.to_be_bytes();
+    let reply = Pkt::tcp(FE, 30080, C6, 40000, SYN | ACK);
+    let backend_reply = Pkt::tcp("fd00:10:0:1::5", 8080, C6, 40000, SYN | ACK);
+    let ureply = Pkt::udp(FE, 30082, C6, 5353).payload(b"answer");
+    let ubackend = Pkt::udp("fd00:10:0:2::5", 8080, FE, uport).payload(b"answer");
+    let mut routed = error(2, 0, mtu, &ubackend, "fd00:10:0:2::5");
+    routed.src_mac = NODE_MAC;
+    routed.dst_mac = NODE2_MAC;
+    routed.ttl = 63;
+    let other = Pkt::tcp(FE, 30080, C6, 49999, SYN | ACK);
+    table(
+        &mut fx,
+        vec![
+            (
+                "packet too big about the frontend's reply -> local backend",
+                error(2, 0, mtu, &reply, FE).build(),
+                XDP_PASS,
+                Some(error(2, 0, mtu, &backend_reply, "fd00:10:0:1::5").build()),
+            ),
+            (
+                "port unreachable about the frontend's reply -> local backend",
+                error(1, 4, [0; 4], &reply, FE).build(),
+                XDP_PASS,
+                Some(error(1, 4, [0; 4], &backend_reply, "fd00:10:0:1::5").build()),
+            ),
+            (
+                "packet too big about a SNATed UDP reply -> routed to the remote backend",
+                error(2, 0, mtu, &ureply, FE).build(),
+                XDP_TX,
+                Some(routed.build()),
+            ),
+            (
+                "error about an untracked flow: untouched",
+                error(2, 0, mtu, &other, FE).build(),
+                XDP_PASS,
+                None,
+            ),
+            (
+                "echo request: untouched",
+                {
+                    let mut e = pkt::icmp_error(C6, FE, 128, 0, [0, 1, 0, 1], b"ping");
+                    e.src_mac = CLIENT_MAC;
+                    e.dst_mac = NODE_MAC;
+                    e.build()
+                },
+                XDP_PASS,
+                None,
+            ),
+        ],
+    );
 }
 
 #[test]

@@ -172,6 +172,8 @@ pub mod counter {
     pub const ICMP_XLATE: u32 = 12;
     /// No free SNAT port for a new flow (dropped).
     pub const SNAT_EXHAUSTED: u32 = 13;
+    /// XDP: a packet to be routed on had TTL / hop limit <= 1 (time exceeded sent, or dropped).
+    pub const XDP_TTL_EXCEEDED: u32 = 14;
     pub const COUNT: u32 = 16;
 }
 

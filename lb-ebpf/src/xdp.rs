@@ -27,7 +27,7 @@ use crate::{
     maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, account, config, count, parsed},
     nat::{self, Tuple},
     parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, Skip, TCP_ACK, TCP_SYN},
-    reject::reject,
+    reject::{reject, time_exceeded},
     select,
 };
 
@@ -45,7 +45,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let h = &s.hdr;
     match h.proto {
         IPPROTO_TCP | IPPROTO_UDP => {}
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => return icmp::inbound(ctx, h),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let v = icmp::inbound(ctx, h, &mut s.to);
+            if v == icmp::ROUTE {
+                return fwd::forward(ctx, &s.hdr, &s.to);
+            }
+            return v;
+        }
         _ => return XDP_PASS,
     }
     if h.frag == Frag::Later {
@@ -57,15 +63,26 @@ pub fn run(ctx: &XdpContext) -> u32 {
         proto: h.proto,
         scope: SCOPE_EXTERNAL,
     };
-    if let Some(svc) = select::lookup(&key) {
-        return frontend(ctx, s, &svc, cfg);
+    let v = if let Some(svc) = select::lookup(&key) {
+        frontend(ctx, s, &svc, cfg)
+    } else {
+        let v = reply(ctx, h, cfg);
+        if v == NOT_A_REPLY {
+            return other(ctx, h, cfg);
+        }
+        v
+    };
+    if v == TTL_EXPIRED {
+        // Answered from here, not deeper down: the answer's frame would not fit on the
+        // translators' stacks.
+        count(counter::XDP_TTL_EXCEEDED);
+        return time_exceeded(ctx, &s.hdr);
     }
-    let v = reply(ctx, h, cfg);
-    if v != NOT_A_REPLY {
-        return v;
-    }
-    other(ctx, h, cfg)
+    v
 }
+
+/// Internal verdict: the packet would be routed on with no hop left (see `fwd::ttl_expired`).
+const TTL_EXPIRED: u32 = u32::MAX - 1;
 
 /// Not a frontend port: reject on LoadBalancer/external IPs, drop unused service IPs.
 #[inline(never)]
@@ -123,6 +140,9 @@ fn reply_inner(ctx: &XdpContext, h: &Hdr, cfg: &Config) -> Option<u32> {
         return None;
     }
     ct::touch(p, &v, cfg, h, ct::now());
+    if fwd::ttl_expired(ctx.data(), ctx.data_end(), h) {
+        return Some(TTL_EXPIRED);
+    }
     let to = Tuple {
         src: v.nat_addr,
         sport: v.nat_port,
@@ -288,6 +308,10 @@ fn translate(ctx: &XdpContext, s: &mut Scratch) -> u32 {
     if v.flags & CT_F_SNAT != 0 {
         s.to.src = v.nat2_addr;
         s.to.sport = v.nat2_port;
+    }
+    // Routed on (not handed to a local pod): a router's TTL rules apply.
+    if v.flags & CT_F_LOCAL == 0 && fwd::ttl_expired(ctx.data(), ctx.data_end(), h) {
+        return TTL_EXPIRED;
     }
     if nat::rewrite(ctx.data(), ctx.data_end(), h, &s.to).is_none() {
         return XDP_DROP;
