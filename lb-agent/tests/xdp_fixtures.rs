@@ -1283,6 +1283,80 @@ fn icmpv6_errors_translated_back() {
     );
 }
 
+/// An IPv6 fragment of `p`'s L4 segment: fragment header (id, offset in bytes, more flag)
+/// between the IPv6 header and `part`.
+fn v6_fragment(p: &Pkt, part: &[u8], offset: usize, more: bool, id: u32) -> Vec<u8> {
+    let mut body = vec![p.proto(), 0];
+    body.extend((((offset / 8) << 3) as u16 | u16::from(more)).to_be_bytes());
+    body.extend(id.to_be_bytes());
+    body.extend(part);
+    let mut ip = p.ip_with(&body, 0);
+    ip[6] = 44; // next header: fragment
+    p.eth(&ip)
+}
+
+/// IPv6 fragments follow their first fragment like IPv4 ones: the first is translated with
+/// its ports and remembered by (addresses, 32-bit id, protocol); later ones get the same
+/// address rewrite (to a local backend: PASS; remote: routed on); a later fragment without a
+/// tracked first is passed untouched, never rewritten on a guess.
+#[test]
+fn ipv6_fragments_follow_the_first() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("fd00:10:0:1::5", 8080, true);
+    let remote = fx.backend("fd00:10:0:2::5", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend(("2001:db8::2", 30083, 17), 1, slot(local), 1, 0);
+    fx.frontend(("2001:db8::2", 30084, 17), 2, slot(remote), 1, 0);
+    let big = Pkt::udp("2001:db8::10", 5353, "2001:db8::2", 30083).payload(&[7u8; 40]);
+    let seg = big.segment(); // 48 bytes: 24 + 24
+    let out = with_dst(&big, "fd00:10:0:1::5", 8080);
+    let oseg = out.segment();
+    let rbig = Pkt::udp("2001:db8::10", 5354, "2001:db8::2", 30084).payload(&[8u8; 40]);
+    let rseg = rbig.segment();
+    let mut rout = with_dst(&rbig, "fd00:10:0:2::5", 8080);
+    rout.src = "2001:db8::2".parse().unwrap();
+    set_ports(&mut rout, Some(snat_port(&rbig)), None);
+    rout.src_mac = NODE_MAC;
+    rout.dst_mac = NODE2_MAC;
+    rout.ttl = 63;
+    let roseg = rout.segment();
+    table(
+        &mut fx,
+        vec![
+            (
+                "first fragment: translated with ports",
+                v6_fragment(&big, &seg[..24], 0, true, 0xabcd_0001),
+                XDP_PASS,
+                Some(v6_fragment(&out, &oseg[..24], 0, true, 0xabcd_0001)),
+            ),
+            (
+                "later fragment: same address translation",
+                v6_fragment(&big, &seg[24..], 24, false, 0xabcd_0001),
+                XDP_PASS,
+                Some(v6_fragment(&out, &oseg[24..], 24, false, 0xabcd_0001)),
+            ),
+            (
+                "later fragment of another id: untouched",
+                v6_fragment(&big, &seg[24..], 24, false, 0xabcd_0002),
+                XDP_PASS,
+                None,
+            ),
+            (
+                "first fragment to a remote backend: SNAT, routed",
+                v6_fragment(&rbig, &rseg[..24], 0, true, 7),
+                XDP_TX,
+                Some(v6_fragment(&rout, &roseg[..24], 0, true, 7)),
+            ),
+            (
+                "its later fragment: routed the same way",
+                v6_fragment(&rbig, &rseg[24..], 24, false, 7),
+                XDP_TX,
+                Some(v6_fragment(&rout, &roseg[24..], 24, false, 7)),
+            ),
+        ],
+    );
+}
+
 #[test]
 fn ipv6_reject_and_translate() {
     let Some(mut fx) = Fx::new() else { return };
