@@ -19,7 +19,7 @@ use lb_agent::{
 use lb_common::{
     AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, MaglevSlot, SCOPE_EXTERNAL,
     SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
-    ct::{CFG_F_SVC_CIDR, Config},
+    ct::{CFG_F_SVC_CIDR, Config, LB_MODE_DSR},
     hash::flow_hash,
 };
 
@@ -171,6 +171,21 @@ impl Fx {
             port: port.to_be(),
             proto: 0,
             flags: if local { BACKEND_F_LOCAL } else { 0 },
+            node: [0; 4],
+        };
+        self.dp.set_backend(id, &b).unwrap();
+        id
+    }
+
+    /// A remote backend whose node is `node` (DSR tunnels to it).
+    fn backend_on(&mut self, ip: &str, port: u16, node: &str) -> u32 {
+        let id = self.backend(ip, port, false);
+        let b = Backend {
+            addr: a(ip),
+            port: port.to_be(),
+            proto: 0,
+            flags: 0,
+            node: a(node),
         };
         self.dp.set_backend(id, &b).unwrap();
         id
@@ -1429,6 +1444,229 @@ fn ipv6_reject_and_translate() {
                 Some(unreach),
             ),
         ],
+    );
+}
+
+fn dsr_config() -> Config {
+    Config {
+        lb_mode: LB_MODE_DSR,
+        ..v4_config()
+    }
+}
+
+/// The tunnel header the front node puts in front of a DSR packet, built here from the
+/// specification in `lb-ebpf/src/dsr.rs` with its own checksum: IPv4 with IHL 7, DF as given,
+/// TTL 64, protocol 4 (IPIP), node -> backend's node, option 0x9e/8 with frontend port and
+/// address.
+fn ipip_header(src: &str, dst: &str, inner_len: usize, df: bool, fe: (&str, u16)) -> Vec<u8> {
+    let ip4 = |x: &str| x.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    let mut h = vec![0x47, 0];
+    h.extend(((inner_len + 28) as u16).to_be_bytes());
+    h.extend([0, 0, if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
+    h.extend(ip4(src));
+    h.extend(ip4(dst));
+    h.extend([0x9e, 8]);
+    h.extend(fe.1.to_be_bytes());
+    h.extend(ip4(fe.0));
+    let c = pkt::checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// An Ethernet frame `dst_mac <- src_mac` carrying `ip` (IPv4).
+fn eth4(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend(dst_mac);
+    f.extend(src_mac);
+    f.extend([0x08, 0x00]);
+    f.extend(ip);
+    f
+}
+
+/// `--lb-mode dsr`, front node: a new flow to a remote backend is DNATed (client source kept,
+/// TTL 63) and tunnelled in IPIP to the backend's node (XDP_TX to its MAC); conntrack keeps
+/// later packets on it; a packet that would not fit once encapsulated gets "fragmentation
+/// needed" (DF) or is dropped (no DF); a backend without a known node falls back to SNAT.
+#[test]
+fn dsr_encapsulates_to_the_backend_node() {
+    let Some(mut fx) = Fx::new() else { return };
+    fx.dp.set_config(&dsr_config()).unwrap();
+    let remote = fx.backend_on("10.0.2.5", 8080, "192.168.0.3");
+    let nodeless = fx.backend("10.0.2.6", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend((NODE, 30081, 6), 1, slot(remote), 1, 0);
+    fx.frontend(("1.2.3.4", 80, 17), 2, slot(remote), 1, 0);
+    fx.frontend((NODE, 30085, 6), 3, slot(nodeless), 1, 0);
+
+    let tunnelled = |p: &Pkt, fe: (&str, u16), df: bool| {
+        let mut inner = with_dst(p, "10.0.2.5", 8080);
+        inner.ttl = p.ttl - 1;
+        let seg = inner.segment();
+        let ip = inner.ip_with(&seg, if df { 0x4000 } else { 0 });
+        // The inner packet on its own must be a valid packet (DNAT + L4 checksum).
+        pkt::verify(&eth4(NODE2_MAC, NODE_MAC, &ip)).expect("expected inner packet");
+        let mut outer = ipip_header(NODE, "192.168.0.3", ip.len(), df, fe);
+        outer.extend(&ip);
+        eth4(NODE2_MAC, NODE_MAC, &outer)
+    };
+    let syn = Pkt::tcp(CLIENT, 40000, NODE, 30081, SYN);
+    let ack = Pkt::tcp(CLIENT, 40000, NODE, 30081, ACK).payload(b"GET / HTTP/1.1\r\n\r\n");
+    let udp = Pkt::udp(CLIENT, 5353, "1.2.3.4", 80);
+    let with_df = |p: &Pkt| {
+        let seg = p.segment();
+        p.eth(&p.ip_with(&seg, 0x4000))
+    };
+    // 1500-byte MTU on veth0: 1480 bytes of IP fit as they are, not with 28 more.
+    let big = Pkt::tcp(CLIENT, 40001, NODE, 30081, ACK).payload(&[1u8; 1440]);
+    let frag_needed = {
+        let q = big.ip_with(&big.segment(), 0x4000);
+        let mut e = pkt::icmp_error(NODE, CLIENT, 3, 4, [0, 0, 0x05, 0xc0], &q[..28]);
+        e.ip_id = 0;
+        let seg = e.segment();
+        e.eth(&e.ip_with(&seg, 0x4000))
+    };
+    let snat_syn = Pkt::tcp(CLIENT, 40002, NODE, 30085, SYN);
+    let mut snat_out = with_dst(&snat_syn, "10.0.2.6", 8080);
+    snat_out.src = NODE.parse().unwrap();
+    set_ports(&mut snat_out, Some(snat_port(&snat_syn)), None);
+    snat_out.src_mac = NODE_MAC;
+    snat_out.dst_mac = NODE2_MAC;
+    snat_out.ttl = 63;
+    table(
+        &mut fx,
+        vec![
+            (
+                "tcp syn: DNAT, IPIP to node2",
+                syn.build(),
+                XDP_TX,
+                Some(tunnelled(&syn, (NODE, 30081), false)),
+            ),
+            (
+                "conntrack hit: same tunnel",
+                ack.build(),
+                XDP_TX,
+                Some(tunnelled(&ack, (NODE, 30081), false)),
+            ),
+            (
+                "DF is copied to the outer header",
+                with_df(&Pkt::tcp(CLIENT, 40000, NODE, 30081, ACK)),
+                XDP_TX,
+                Some(tunnelled(
+                    &Pkt::tcp(CLIENT, 40000, NODE, 30081, ACK),
+                    (NODE, 30081),
+                    true,
+                )),
+            ),
+            (
+                "udp to a LoadBalancer IP: the option carries 1.2.3.4:80",
+                udp.build(),
+                XDP_TX,
+                Some(tunnelled(&udp, ("1.2.3.4", 80), false)),
+            ),
+            (
+                "too big once encapsulated, DF: frag needed (MTU 1472) to the client",
+                with_df(&big),
+                XDP_TX,
+                Some(frag_needed),
+            ),
+            (
+                "too big once encapsulated, no DF: dropped, never sent oversize",
+                big.build(),
+                XDP_DROP,
+                None,
+            ),
+            (
+                "backend without a known node: SNAT as before",
+                snat_syn.build(),
+                XDP_TX,
+                Some(snat_out.build()),
+            ),
+        ],
+    );
+    let ct = fx.dp.ct_entries();
+    assert_eq!(
+        ct.len(),
+        5,
+        "one entry per DSR flow (3), forward + reply for the SNAT one: {ct:?}"
+    );
+}
+
+/// `--lb-mode dsr`, backend node: the tunnel from node2 (192.168.0.3) to this node is
+/// stripped (XDP_PASS with the inner packet, MACs kept), and the pod's reply gets the frontend
+/// from the tunnel option as its source on tc egress. Tunnels that are not ours, or arrive
+/// while the node is in SNAT mode, are left to the kernel untouched.
+#[test]
+fn dsr_decapsulates_for_local_pods() {
+    let Some(mut fx) = Fx::new() else { return };
+    fx.dp.set_config(&dsr_config()).unwrap();
+    let inner = Pkt::tcp(CLIENT, 40000, "10.0.1.5", 8080, SYN);
+    let ip = inner.ip();
+    let frame = |fe: (&str, u16), opt_type: u8, dst: &str| {
+        let mut outer = ipip_header("192.168.0.3", dst, ip.len(), false, fe);
+        outer[20] = opt_type;
+        outer[10..12].copy_from_slice(&[0, 0]);
+        let c = pkt::checksum(&outer);
+        outer[10..12].copy_from_slice(&c.to_be_bytes());
+        outer.extend(&ip);
+        eth4(NODE_MAC, NODE2_MAC, &outer)
+    };
+    let udp_inner = Pkt::udp(CLIENT, 5353, "10.0.1.5", 5353);
+    let uip = udp_inner.ip();
+    let mut udp_outer = ipip_header("192.168.0.3", NODE, uip.len(), false, ("1.2.3.4", 53));
+    udp_outer.extend(&uip);
+    table(
+        &mut fx,
+        vec![
+            (
+                "tunnelled SYN for a local pod: decapsulated",
+                frame((NODE, 30081), 0x9e, NODE),
+                XDP_PASS,
+                Some(eth4(NODE_MAC, NODE2_MAC, &ip)),
+            ),
+            (
+                "tunnelled UDP to an LB IP: decapsulated",
+                eth4(NODE_MAC, NODE2_MAC, &udp_outer),
+                XDP_PASS,
+                Some(eth4(NODE_MAC, NODE2_MAC, &uip)),
+            ),
+            (
+                "IPIP without our option: untouched",
+                frame((NODE, 30081), 0x94, NODE),
+                XDP_PASS,
+                None,
+            ),
+            (
+                "IPIP to another address: untouched",
+                frame((NODE, 30081), 0x9e, "192.168.0.9"),
+                XDP_PASS,
+                None,
+            ),
+        ],
+    );
+    // The pod answers the client directly; tc egress puts the frontend in as its source.
+    let reply = Pkt::tcp("10.0.1.5", 8080, CLIENT, 40000, SYN | ACK);
+    let (v, out) = fx.tc(&reply.build());
+    assert_eq!(v, 0, "TC_ACT_OK");
+    let expected = Pkt::tcp(NODE, 30081, CLIENT, 40000, SYN | ACK).build();
+    assert_eq!(hex(&out), hex(&expected));
+    pkt::verify(&out).unwrap();
+    let ureply = Pkt::udp("10.0.1.5", 5353, CLIENT, 5353);
+    let (_, out) = fx.tc(&ureply.build());
+    assert_eq!(
+        hex(&out),
+        hex(&Pkt::udp("1.2.3.4", 53, CLIENT, 5353).build())
+    );
+
+    // A node in SNAT mode never decapsulates.
+    fx.dp.set_config(&v4_config()).unwrap();
+    table(
+        &mut fx,
+        vec![(
+            "SNAT mode: tunnel untouched",
+            frame((NODE, 30081), 0x9e, NODE),
+            XDP_PASS,
+            None,
+        )],
     );
 }
 

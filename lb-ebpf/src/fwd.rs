@@ -47,7 +47,7 @@ fn ttl_word(data: usize, end: usize, h: &Hdr) -> Option<(*mut [u8; 2], usize)> {
 /// One hop less, as a router does (RFC 1812 5.3.1): IPv4 TTL with an incremental header
 /// checksum update (TTL and protocol share one 16-bit word), IPv6 hop limit.
 #[inline(always)]
-fn decrement_ttl(data: usize, end: usize, h: &Hdr) -> Option<()> {
+pub fn decrement_ttl(data: usize, end: usize, h: &Hdr) -> Option<()> {
     let (w, i) = ttl_word(data, end, h)?;
     // SAFETY: bounds checked.
     unsafe {

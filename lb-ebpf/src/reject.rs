@@ -128,22 +128,42 @@ pub fn reject(ctx: &XdpContext, h: &Hdr) -> u32 {
     }
 }
 
-/// ICMP (v4 type, code) and ICMPv6 (type, code) of an error.
+/// ICMP (v4 type, code) and ICMPv6 (type, code) of an error, and the 4 bytes after the
+/// checksum (unused, or the next-hop MTU).
 #[derive(Clone, Copy)]
 pub struct IcmpKind {
     v4: [u8; 2],
     v6: [u8; 2],
+    rest: [u8; 4],
 }
 
 const PORT_UNREACHABLE: IcmpKind = IcmpKind {
     v4: [3, 3],
     v6: [1, 4],
+    rest: [0; 4],
 };
 /// TTL / hop limit exceeded in transit.
-pub const TIME_EXCEEDED: IcmpKind = IcmpKind {
+const TIME_EXCEEDED: IcmpKind = IcmpKind {
     v4: [11, 0],
     v6: [3, 0],
+    rest: [0; 4],
 };
+
+/// IPv4 "fragmentation needed" (3/4) with the next-hop `mtu`, for a packet with DF set that
+/// does not fit once encapsulated (DSR).
+#[inline(never)]
+pub fn frag_needed(ctx: &XdpContext, h: &Hdr, mtu: u16) -> u32 {
+    if h.v6 || h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP || h.frag == Frag::Later {
+        return XDP_DROP;
+    }
+    let m = mtu.to_be_bytes();
+    let kind = IcmpKind {
+        v4: [3, 4],
+        v6: [2, 0],
+        rest: [0, 0, m[0], m[1]],
+    };
+    icmp_error(ctx, h, kind).unwrap_or(XDP_DROP)
+}
 
 /// Answers a TCP/UDP packet we would route on with TTL <= 1 the way the kernel's forwarding
 /// path does: ICMP time exceeded, from the address the client sent to. Later fragments, ICMP
@@ -266,7 +286,8 @@ fn icmp_error(ctx: &XdpContext, h: &Hdr, kind: IcmpKind) -> Option<u32> {
             ipv6_header(&src, &dst, IPPROTO_ICMPV6, icmp_len),
         )?;
         let q = ptr_at::<[u8; 48]>(data, end, icmp_off + 8)?;
-        let mut icmp = [kind.v6[0], kind.v6[1], 0, 0, 0, 0, 0, 0];
+        let r = kind.rest;
+        let mut icmp = [kind.v6[0], kind.v6[1], 0, 0, r[0], r[1], r[2], r[3]];
         let sum =
             pseudo(&src, &dst, true, IPPROTO_ICMPV6, icmp_len) + sum_words::<24>(q as *const u8);
         let c = (!fold(sum + sum_bytes(&icmp))).to_ne_bytes();
@@ -281,7 +302,8 @@ fn icmp_error(ctx: &XdpContext, h: &Hdr, kind: IcmpKind) -> Option<u32> {
             ipv4_header(&src, &dst, IPPROTO_ICMP, (20 + 8 + quote) as u16),
         )?;
         let q = ptr_at::<[u8; 28]>(data, end, icmp_off + 8)?;
-        let mut icmp = [kind.v4[0], kind.v4[1], 0, 0, 0, 0, 0, 0];
+        let r = kind.rest;
+        let mut icmp = [kind.v4[0], kind.v4[1], 0, 0, r[0], r[1], r[2], r[3]];
         let c = (!fold(sum_words::<14>(q as *const u8) + sum_bytes(&icmp))).to_ne_bytes();
         icmp[2] = c[0];
         icmp[3] = c[1];

@@ -17,17 +17,20 @@ use lb_common::{
     AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, IPPROTO_TCP, IPPROTO_UDP,
     SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey,
     SvcVal, addr,
-    ct::{CFG_F_SVC_CIDR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal, SrcRangeKey},
+    ct::{
+        CFG_F_SVC_CIDR, CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal,
+        SrcRangeKey,
+    },
     hash::flow_hash,
     types::counter,
 };
 
 use crate::{
-    affinity, ct, frag, fwd, icmp,
+    affinity, ct, dsr, frag, fwd, icmp,
     maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, account, config, count, parsed},
     nat::{self, Tuple},
     parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, Skip, TCP_ACK, TCP_SYN},
-    reject::{reject, time_exceeded},
+    reject::{self, reject, time_exceeded},
     select,
 };
 
@@ -45,6 +48,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let h = &s.hdr;
     match h.proto {
         IPPROTO_TCP | IPPROTO_UDP => {}
+        dsr::IPPROTO_IPIP => return dsr::decap(ctx, s, cfg),
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let v = icmp::inbound(ctx, h, &mut s.to);
             if v == icmp::ROUTE {
@@ -63,7 +67,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         proto: h.proto,
         scope: SCOPE_EXTERNAL,
     };
-    let v = if let Some(svc) = select::lookup(&key) {
+    let mut v = if let Some(svc) = select::lookup(&key) {
         frontend(ctx, s, &svc, cfg)
     } else {
         let v = reply(ctx, h, cfg);
@@ -72,6 +76,12 @@ pub fn run(ctx: &XdpContext) -> u32 {
         }
         v
     };
+    if v == dsr::ENCAP {
+        v = dsr::encap(ctx, s, cfg);
+    }
+    if v == dsr::TOO_BIG {
+        return reject::frag_needed(ctx, &s.hdr, s.mtu);
+    }
     if v == TTL_EXPIRED {
         // Answered from here, not deeper down: the answer's frame would not fit on the
         // translators' stacks.
@@ -82,7 +92,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
 }
 
 /// Internal verdict: the packet would be routed on with no hop left (see `fwd::ttl_expired`).
-const TTL_EXPIRED: u32 = u32::MAX - 1;
+pub const TTL_EXPIRED: u32 = u32::MAX - 1;
 
 /// Not a frontend port: reject on LoadBalancer/external IPs, drop unused service IPs.
 #[inline(never)]
@@ -274,6 +284,10 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
         if CT.insert(&s.rkey, &s.r, 0).is_err() {
             return XDP_DROP;
         }
+    } else if dsr::eligible(cfg, h, &b.node) {
+        // The reply leaves the backend's node directly: no reply entry here.
+        s.v.flags |= CT_F_DSR;
+        s.v.nat2_addr = b.node;
     } else {
         let node = if h.v6 { cfg.node_ip6 } else { cfg.node_ip4 };
         s.r.flags |= CT_F_SNAT;
@@ -299,6 +313,9 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
 #[inline(always)]
 fn translate(ctx: &XdpContext, s: &mut Scratch) -> u32 {
     let (h, v) = (&s.hdr, &s.v);
+    if v.flags & CT_F_DSR != 0 {
+        return dsr::ENCAP;
+    }
     s.to = Tuple {
         src: h.src,
         sport: h.sport,
