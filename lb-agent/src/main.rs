@@ -111,8 +111,8 @@ impl Source {
     fn node_addresses(&self) -> BTreeMap<String, Vec<IpAddr>> {
         let infos: Vec<objects::NodeInfo> = match self {
             Self::Dir(dir) => dir.nodes().filter_map(|n| objects::node(n).ok()).collect(),
-            // Only this node's object is watched so far (see README, known gaps).
-            Self::Kube(kube) => kube.node_info().into_iter().collect(),
+            // Every Node with --lb-mode dsr, else only this one (no other node IPs needed).
+            Self::Kube(kube) => kube.node_infos(),
         };
         infos
             .into_iter()
@@ -154,7 +154,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(dir) if !dir.is_dir() => bail!("--manifests {}: not a directory", dir.display()),
         Some(dir) => Source::Dir(ManifestDir::new(dir)),
         None => Source::Kube(
-            KubeSource::start(&args.node_name, changes.clone()).context("Kubernetes API source")?,
+            KubeSource::start(
+                &args.node_name,
+                changes.clone(),
+                args.lb_mode == LbMode::Dsr,
+            )
+            .context("Kubernetes API source")?,
         ),
     };
 
