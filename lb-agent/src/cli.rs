@@ -116,7 +116,10 @@ pub struct RunArgs {
     pub poll_interval_ms: u64,
 
     /// How traffic to remote backends leaves this node: `snat` (source becomes this node's IP;
-    /// replies come back here). `dsr` is not implemented yet and is refused.
+    /// replies come back here), or `dsr` (IPv4: the packet keeps the client's source and is
+    /// tunnelled in IPIP, with a 28-byte outer header, to the backend's node, which answers
+    /// the client directly; every node must run with `dsr`, and a backend's node IP must be
+    /// known from its Node object, else that backend is reached through SNAT; IPv6 uses SNAT).
     #[arg(long, value_enum, default_value = "snat")]
     pub lb_mode: LbMode,
 

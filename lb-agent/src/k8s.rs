@@ -1,4 +1,5 @@
-//! Kubernetes API source: reflectors on Services, EndpointSlices and this node's Node object.
+//! Kubernetes API source: reflectors on Services, EndpointSlices and this node's Node object
+//! (every Node in DSR mode, for their addresses).
 //!
 //! Watch events only queue a change ([`ChangeQueue`]); the sync loop reads whole snapshots from
 //! the stores, so the desired state is always computed from a consistent view. A relist
@@ -63,6 +64,8 @@ pub struct WatchOptions {
     /// Fixed delay before retrying after a watch error. `None`: client-go's backoff (800 ms
     /// doubling to 30 s, jittered), kind to a struggling API server when every node retries.
     pub retry_delay: Option<Duration>,
+    /// Watch every Node, not only this one: DSR needs the other nodes' addresses.
+    pub all_nodes: bool,
 }
 
 impl WatchOptions {
@@ -70,6 +73,7 @@ impl WatchOptions {
         Self {
             changes,
             retry_delay: None,
+            all_nodes: false,
         }
     }
 }
@@ -81,14 +85,20 @@ pub struct KubeSource {
     tasks: Vec<JoinHandle<()>>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    /// This node's object, or every Node with [`WatchOptions::all_nodes`].
     node: Store<Node>,
+    node_name: String,
     changes: Arc<ChangeQueue>,
 }
 
 impl KubeSource {
     /// Connects (in-cluster config or KUBECONFIG), starts the watchers on a runtime of their
     /// own and waits until each has listed once, so the first sync never sees a partial cluster.
-    pub fn start(node_name: &str, changes: Arc<ChangeQueue>) -> Result<Self, KubeError> {
+    pub fn start(
+        node_name: &str,
+        changes: Arc<ChangeQueue>,
+        all_nodes: bool,
+    ) -> Result<Self, KubeError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -100,7 +110,11 @@ impl KubeSource {
             .map_err(KubeError::Client)?;
         let mut source = {
             let _guard = rt.enter();
-            Self::with_client(client, node_name, WatchOptions::new(changes))
+            let opts = WatchOptions {
+                all_nodes,
+                ..WatchOptions::new(changes)
+            };
+            Self::with_client(client, node_name, opts)
         };
         rt.block_on(source.ready())?;
         info!("Kubernetes watchers listed Services, EndpointSlices and Node");
@@ -141,10 +155,15 @@ impl KubeSource {
         let queue = changes.clone();
         let (node_reader, node_writer) = reflector::store();
         let reader = node_reader.clone();
-        let mut last: Option<Option<NodeInfo>> = None;
+        let mut last: Option<Vec<NodeInfo>> = None;
+        let node_filter = if opts.all_nodes {
+            watcher::Config::default()
+        } else {
+            watcher::Config::default().fields(&format!("metadata.name={node_name}"))
+        };
         spawn_with_store::<Node>(
             Api::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            node_filter,
             node_writer,
             &opts,
             &mut tasks,
@@ -152,8 +171,14 @@ impl KubeSource {
                 if matches!(e, Event::Init | Event::InitApply(_)) {
                     return;
                 }
-                // Node status is rewritten often; only the zone and deletion matter here.
-                let now = reader.state().first().and_then(|n| objects::node(n).ok());
+                // Node status is rewritten often; only the zone, deletion and addresses
+                // matter here.
+                let mut now: Vec<NodeInfo> = reader
+                    .state()
+                    .iter()
+                    .filter_map(|n| objects::node(n).ok())
+                    .collect();
+                now.sort_by(|a, b| a.name.cmp(&b.name));
                 if last.as_ref() != Some(&now) {
                     debug!(node = ?now, "node changed");
                     last = Some(now);
@@ -168,6 +193,7 @@ impl KubeSource {
             services,
             slices,
             node: node_reader,
+            node_name: node_name.to_owned(),
             changes,
         }
     }
@@ -200,7 +226,20 @@ impl KubeSource {
 
     /// This node's object, if it exists (absent: being deleted or not yet registered).
     pub fn node(&self) -> Option<Arc<Node>> {
-        self.node.state().into_iter().next()
+        self.node
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+    }
+
+    /// What the agent uses of every watched Node (only this one unless
+    /// [`WatchOptions::all_nodes`]).
+    pub fn node_infos(&self) -> Vec<NodeInfo> {
+        self.node
+            .state()
+            .iter()
+            .filter_map(|n| objects::node(n).ok())
+            .collect()
     }
 
     /// What the agent uses of this node's object; `None` while it does not exist.

@@ -1,7 +1,8 @@
 //! `lb-agent`: process start-up, signals and the sync loop.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     process::ExitCode,
     sync::{
         Arc,
@@ -106,6 +107,20 @@ impl Source {
         info.map_or((None, false), |i| (i.zone, !i.deleting))
     }
 
+    /// Addresses of every Node the source knows, by name (for backends' node IPs).
+    fn node_addresses(&self) -> BTreeMap<String, Vec<IpAddr>> {
+        let infos: Vec<objects::NodeInfo> = match self {
+            Self::Dir(dir) => dir.nodes().filter_map(|n| objects::node(n).ok()).collect(),
+            // Every Node with --lb-mode dsr, else only this one (no other node IPs needed).
+            Self::Kube(kube) => kube.node_infos(),
+        };
+        infos
+            .into_iter()
+            .filter(|i| !i.addresses.is_empty())
+            .map(|i| (i.name, i.addresses))
+            .collect()
+    }
+
     fn snapshot(&self) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
         match self {
             Self::Dir(dir) => (
@@ -139,13 +154,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(dir) if !dir.is_dir() => bail!("--manifests {}: not a directory", dir.display()),
         Some(dir) => Source::Dir(ManifestDir::new(dir)),
         None => Source::Kube(
-            KubeSource::start(&args.node_name, changes.clone()).context("Kubernetes API source")?,
+            KubeSource::start(
+                &args.node_name,
+                changes.clone(),
+                args.lb_mode == LbMode::Dsr,
+            )
+            .context("Kubernetes API source")?,
         ),
     };
 
-    if args.lb_mode == LbMode::Dsr {
-        bail!("--lb-mode dsr is not implemented yet; use --lb-mode snat");
-    }
     let snat_ports = node::parse_port_range(&args.snat_ports)
         .with_context(|| format!("--snat-ports {:?}: expected LOW-HIGH", args.snat_ports))?;
     let node_ips = if args.node_ips.is_empty() {
@@ -158,6 +175,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = node::Settings {
         service_cidrs: args.service_cidr.clone(),
         snat_ports,
+        dsr: args.lb_mode == LbMode::Dsr,
     };
     let config = node::config(&node_ips, &settings).context("--service-cidr")?;
 
@@ -209,6 +227,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         maglev_table_size: args.maglev_table_size,
         zone: None,
         nodeport_ips,
+        node_addresses: BTreeMap::new(),
     };
     let mut health_checks = HealthChecks::default();
     let mut next_gc = Instant::now() + CT_GC_INTERVAL;
@@ -219,6 +238,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(batch) = source.changed(interval, &changes) {
             let (zone, eligible) = source.node_status(&args.node_name);
             node.zone = zone;
+            node.node_addresses = source.node_addresses();
             health.set_node_eligible(eligible);
             let (services, slices) = source.snapshot();
             let inputs = Inputs {

@@ -241,6 +241,10 @@ pub const COUNTER_NAMES: &[(u32, &str)] = {
         (counter::TC_REV_XLATE, "tc_reverse_xlate"),
         (counter::ICMP_XLATE, "icmp_xlate"),
         (counter::SNAT_EXHAUSTED, "snat_ports_exhausted"),
+        (counter::XDP_TTL_EXCEEDED, "xdp_ttl_exceeded"),
+        (counter::DSR_ENCAP, "dsr_encap"),
+        (counter::DSR_DECAP, "dsr_decap"),
+        (counter::DSR_TOO_BIG, "dsr_too_big"),
     ]
 };
 

@@ -33,6 +33,9 @@ pub struct NodeConfig {
     /// This node's addresses that accept NodePort traffic (node IPs filtered by
     /// `--nodeport-addresses`).
     pub nodeport_ips: Vec<IpAddr>,
+    /// Every known node's addresses by node name (Node objects; preferred address first), so
+    /// a remote backend carries its node's IP (`--lb-mode dsr` tunnels to it).
+    pub node_addresses: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Default for NodeConfig {
@@ -42,6 +45,7 @@ impl Default for NodeConfig {
             maglev_table_size: DEFAULT_TABLE_SIZE,
             zone: None,
             nodeport_ips: Vec::new(),
+            node_addresses: BTreeMap::new(),
         }
     }
 }
@@ -68,6 +72,8 @@ pub struct BackendSpec {
     pub protocol: Protocol,
     /// The endpoint runs on this node.
     pub local: bool,
+    /// The IP (same family) of the node a remote endpoint runs on, when its Node is known.
+    pub node_ip: Option<IpAddr>,
 }
 
 impl BackendSpec {
@@ -418,11 +424,22 @@ fn port_endpoints(
             }
         }
     }
-    let spec = |(addr, (p, ep)): (&IpAddr, &(u16, EndpointInfo))| BackendSpec {
-        addr: *addr,
-        port: *p,
-        protocol: port.protocol,
-        local: ep.node_name.as_deref() == Some(node),
+    let spec = |(addr, (p, ep)): (&IpAddr, &(u16, EndpointInfo))| {
+        let local = ep.node_name.as_deref() == Some(node);
+        let node_ip = ep
+            .node_name
+            .as_ref()
+            .filter(|_| !local)
+            .and_then(|n| node_cfg.node_addresses.get(n))
+            .and_then(|ips| ips.iter().find(|ip| ip.is_ipv6() == addr.is_ipv6()))
+            .copied();
+        BackendSpec {
+            addr: *addr,
+            port: *p,
+            protocol: port.protocol,
+            local,
+            node_ip,
+        }
     };
     let hints: BTreeMap<IpAddr, _> = by_addr
         .iter()
@@ -603,6 +620,42 @@ mod external_tests {
         assert!(
             d.health_checks.is_empty(),
             "no health check with policy Cluster"
+        );
+    }
+
+    #[test]
+    fn remote_backends_carry_their_node_ip_of_the_same_family() {
+        let mut n = node();
+        n.node_addresses
+            .insert("node2".into(), vec![ip("2001:db8::3"), ip("192.168.0.3")]);
+        n.node_addresses
+            .insert("node1".into(), vec![ip("192.168.0.2")]);
+        let d = desired_state(&inventory(TrafficPolicy::Cluster, None), &n, &mut |_| {});
+        let np = &d.frontends[&key("192.168.0.2", 30080, 6, SCOPE_EXTERNAL)];
+        let nodes: Vec<_> = d.groups[&np.group]
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.local, b.node_ip))
+            .collect();
+        assert_eq!(
+            nodes,
+            vec![
+                (ip("10.0.1.10"), true, None),
+                (ip("10.0.2.10"), false, Some(ip("192.168.0.3"))),
+            ],
+            "local backends need no node IP; remote ones get their node's IPv4"
+        );
+        let unknown = desired_state(
+            &inventory(TrafficPolicy::Cluster, None),
+            &node(),
+            &mut |_| {},
+        );
+        assert!(
+            unknown.groups[&np.group]
+                .backends
+                .iter()
+                .all(|b| b.node_ip.is_none()),
+            "no Node objects: no node IPs (SNAT)"
         );
     }
 

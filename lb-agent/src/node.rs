@@ -4,7 +4,7 @@ use std::{ffi::CStr, net::IpAddr};
 
 use lb_common::{
     addr,
-    ct::{CFG_F_SVC_CIDR, Config, LB_MODE_SNAT},
+    ct::{CFG_F_SVC_CIDR, Config, LB_MODE_DSR, LB_MODE_SNAT},
 };
 
 use crate::objects::{Invalid, parse_cidr};
@@ -90,6 +90,8 @@ fn contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
 pub struct Settings {
     pub service_cidrs: Vec<String>,
     pub snat_ports: (u16, u16),
+    /// `--lb-mode dsr`: tunnel to remote backends' nodes (IPv4) instead of SNAT.
+    pub dsr: bool,
 }
 
 /// Parses `lo-hi`.
@@ -109,7 +111,7 @@ pub fn config(node_ips: &[IpAddr], s: &Settings) -> Result<Config, Invalid> {
         timeout_udp_s: 60,
         snat_port_min: s.snat_ports.0,
         snat_port_max: s.snat_ports.1,
-        lb_mode: LB_MODE_SNAT,
+        lb_mode: if s.dsr { LB_MODE_DSR } else { LB_MODE_SNAT },
         ..Config::default()
     };
     if let Some(v4) = node_ips.iter().find(|i| i.is_ipv4()) {
@@ -151,6 +153,7 @@ mod tests {
         let s = Settings {
             service_cidrs: vec!["172.30.0.0/16".into()],
             snat_ports: (61001, 65535),
+            dsr: false,
         };
         let cfg = config(&["192.168.0.2".parse().unwrap()], &s).unwrap();
         let a = addr::from_ip("172.30.9.9".parse().unwrap());

@@ -148,6 +148,8 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// The node is going away (deletionTimestamp, or the autoscaler's to-be-deleted taint).
     pub deleting: bool,
+    /// `status.addresses`: InternalIPs first, then ExternalIPs (unparsable ones skipped).
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -472,10 +474,24 @@ pub fn node(node: &Node) -> Result<NodeInfo, Invalid> {
         .as_ref()
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    let listed = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let of_type = |t: &'static str| {
+        listed
+            .iter()
+            .filter(move |a| a.type_ == t)
+            .filter_map(|a| a.address.trim().parse::<IpAddr>().ok())
+    };
+    let addresses = of_type("InternalIP").chain(of_type("ExternalIP")).collect();
     Ok(NodeInfo {
         name,
         zone,
         deleting: node.metadata.deletion_timestamp.is_some() || tainted,
+        addresses,
     })
 }
 

@@ -146,6 +146,7 @@ pub fn backend_value(b: &BackendSpec) -> Backend {
         port: b.port.to_be(),
         proto: b.protocol.number(),
         flags: if b.local { BACKEND_F_LOCAL } else { 0 },
+        node: b.node_ip.map(addr::from_ip).unwrap_or_default(),
     }
 }
 

@@ -129,6 +129,7 @@ impl Agent {
             let opts = WatchOptions {
                 changes: changes.clone(),
                 retry_delay: Some(Duration::from_millis(5)),
+                all_nodes: false,
             };
             (api, KubeSource::with_client(client, NODE, opts))
         };
@@ -582,4 +583,61 @@ fn hints_in_slices_select_endpoints_like_kube_proxy() {
         api.apply(Kind::Nodes, node("a"));
     });
     assert_eq!(agent.backends(VIP_A), eps(&["10.0.1.1", "10.0.1.2"]));
+}
+
+/// `--lb-mode dsr` watches every Node (no field selector) for the addresses of the nodes that
+/// remote backends run on; this node is still found by name.
+#[test]
+fn dsr_mode_watches_every_node() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let changes = Arc::new(ChangeQueue::default());
+    let node_with = |name: &str, ip: &str, zone: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+        })
+    };
+    let (api, source) = {
+        let _guard = rt.enter();
+        let (service, handle) = tower_test::mock::pair();
+        let api = FakeApi::start(handle);
+        api.apply(Kind::Nodes, node_with("node2", "192.168.0.3", "b"));
+        api.apply(Kind::Nodes, node_with(NODE, "192.168.0.2", "a"));
+        let client = kube::Client::new(service, "default");
+        let opts = WatchOptions {
+            changes: changes.clone(),
+            retry_delay: Some(Duration::from_millis(5)),
+            all_nodes: true,
+        };
+        (api, KubeSource::with_client(client, NODE, opts))
+    };
+    rt.block_on(async {
+        tokio::time::timeout(TIMEOUT, source.ready())
+            .await
+            .expect("first lists in time")
+            .expect("watchers ready")
+    });
+    assert_eq!(source.node_info().unwrap().zone.as_deref(), Some("a"));
+    let mut addrs: Vec<(String, Vec<std::net::IpAddr>)> = source
+        .node_infos()
+        .into_iter()
+        .map(|n| (n.name, n.addresses))
+        .collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        vec![
+            ("node1".to_owned(), vec!["192.168.0.2".parse().unwrap()]),
+            ("node2".to_owned(), vec!["192.168.0.3".parse().unwrap()]),
+        ]
+    );
+    for r in api.seen().iter().filter(|s| s.kind == Kind::Nodes) {
+        assert_eq!(r.query.get("fieldSelector"), None, "every node: {r:?}");
+    }
+    source.shutdown();
 }

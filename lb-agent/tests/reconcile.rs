@@ -856,6 +856,7 @@ fn adopting_cleans_up_leftovers() {
         port: 80u16.to_be(),
         proto: 6,
         flags: 0,
+        node: [0; 4],
     };
     fake.maps.backends.insert(901, stray);
     let gone = tcp("172.30.0.9", 80);

@@ -82,9 +82,23 @@ fn deletion_and_the_autoscaler_taint_mark_a_node_as_going_away() {
         NodeInfo {
             name: "n".into(),
             zone: None,
-            deleting: false
+            deleting: false,
+            addresses: vec![],
         },
         "an empty zone label is no zone"
+    );
+    let addressed = parse(
+        "kind: Node\nmetadata: {name: n}\nstatus:\n  addresses:\n  \
+         - {type: Hostname, address: n}\n  - {type: ExternalIP, address: 203.0.113.7}\n  \
+         - {type: InternalIP, address: 192.168.0.3}\n  - {type: InternalIP, address: 2001:db8::3}\n  \
+         - {type: InternalIP, address: not-an-ip}\n",
+    );
+    assert_eq!(
+        addressed.addresses,
+        ["192.168.0.3", "2001:db8::3", "203.0.113.7"]
+            .map(|a| a.parse::<std::net::IpAddr>().unwrap())
+            .to_vec(),
+        "InternalIPs first, then ExternalIPs; hostnames and junk skipped"
     );
     let deleted =
         parse("kind: Node\nmetadata: {name: n, deletionTimestamp: '2024-05-01T10:00:00Z'}\n");

@@ -19,7 +19,7 @@ use lb_agent::{
 use lb_common::{
     AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, MaglevSlot, SCOPE_EXTERNAL,
     SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
-    ct::{CFG_F_SVC_CIDR, Config},
+    ct::{CFG_F_SVC_CIDR, Config, LB_MODE_DSR},
     hash::flow_hash,
 };
 
@@ -120,6 +120,15 @@ impl Fx {
         ));
         ip("route add 203.0.113.0/24 dev veth0");
         ip("route add 10.0.2.0/24 via 192.168.0.3");
+        ip(&format!(
+            "neigh add 2001:db8::3 lladdr {} dev veth0 nud permanent",
+            mac(NODE2_MAC)
+        ));
+        ip(&format!(
+            "neigh add 2001:db8::10 lladdr {} dev veth0 nud permanent",
+            mac(CLIENT_MAC)
+        ));
+        ip("route add fd00:10:0:2::/64 via 2001:db8::3");
         // bpf_fib_lookup answers only for interfaces that forward.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
@@ -152,6 +161,21 @@ impl Fx {
             port: port.to_be(),
             proto: 0,
             flags: if local { BACKEND_F_LOCAL } else { 0 },
+            node: [0; 4],
+        };
+        self.dp.set_backend(id, &b).unwrap();
+        id
+    }
+
+    /// A remote backend whose node is `node` (DSR tunnels to it).
+    fn backend_on(&mut self, ip: &str, port: u16, node: &str) -> u32 {
+        let id = self.backend(ip, port, false);
+        let b = Backend {
+            addr: a(ip),
+            port: port.to_be(),
+            proto: 0,
+            flags: 0,
+            node: a(node),
         };
         self.dp.set_backend(id, &b).unwrap();
         id
@@ -356,12 +380,14 @@ fn nodeport_local_remote_and_reply() {
     set_ports(&mut snat, Some(port), None);
     snat.src_mac = NODE_MAC;
     snat.dst_mac = NODE2_MAC;
+    snat.ttl = 63; // routed on: one hop less
     // The backend's SYN-ACK to node:port goes back to the client from the frontend.
     let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, port, SYN | ACK);
     reply.src_mac = NODE2_MAC;
     let mut reply_out = Pkt::tcp(NODE, 30081, CLIENT, 40001, SYN | ACK);
     reply_out.src_mac = NODE_MAC;
     reply_out.dst_mac = CLIENT_MAC;
+    reply_out.ttl = 63;
 
     let udp = Pkt::udp(CLIENT, 5353, NODE, 30082);
     let uport = snat_port(&udp);
@@ -370,6 +396,7 @@ fn nodeport_local_remote_and_reply() {
     set_ports(&mut udp_out, Some(uport), None);
     udp_out.src_mac = NODE_MAC;
     udp_out.dst_mac = NODE2_MAC;
+    udp_out.ttl = 63;
     let mut udp_nocsum = Pkt::new(
         CLIENT,
         NODE,
@@ -390,6 +417,7 @@ fn nodeport_local_remote_and_reply() {
     };
     udp_nocsum_out.src_mac = NODE_MAC;
     udp_nocsum_out.dst_mac = NODE2_MAC;
+    udp_nocsum_out.ttl = 63;
 
     table(
         &mut fx,
@@ -1044,6 +1072,296 @@ fn tc_egress_restores_frontend_source() {
     assert_eq!((v, out), (0, unrelated), "unrelated traffic untouched");
 }
 
+/// Packets XDP routes on lose one hop (IPv4 TTL with its header checksum, IPv6 hop limit);
+/// one that would leave with TTL 0 is answered like the kernel's forwarding path does, with
+/// ICMP time exceeded quoting what the client sent. Local backends keep the TTL (the kernel
+/// routes those itself).
+#[test]
+fn ttl_decremented_on_forwarded_packets() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("10.0.1.5", 8080, true);
+    let remote = fx.backend("10.0.2.5", 8080, false);
+    let remote6 = fx.backend("fd00:10:0:2::5", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend((NODE, 30080, 6), 1, slot(local), 1, 0);
+    fx.frontend((NODE, 30081, 6), 2, slot(remote), 1, 0);
+    fx.frontend((NODE, 30082, 17), 3, slot(remote), 1, 0);
+    fx.frontend(("2001:db8::2", 30081, 6), 4, slot(remote6), 1, 0);
+
+    let snat_out = |p: &Pkt, node: &str, backend: &str, ttl: u8| {
+        let mut o = with_dst(p, backend, 8080);
+        o.src = node.parse().unwrap();
+        set_ports(&mut o, Some(snat_port(p)), None);
+        o.src_mac = NODE_MAC;
+        o.dst_mac = NODE2_MAC;
+        o.ttl = ttl;
+        o.build()
+    };
+    let mut ttl2 = Pkt::tcp(CLIENT, 40010, NODE, 30081, SYN);
+    ttl2.ttl = 2;
+    let mut ttl1 = Pkt::tcp(CLIENT, 40011, NODE, 30081, SYN);
+    ttl1.ttl = 1;
+    let mut udp1 = Pkt::udp(CLIENT, 5300, NODE, 30082);
+    udp1.ttl = 1;
+    let mut local1 = Pkt::tcp(CLIENT, 40012, NODE, 30080, SYN);
+    local1.ttl = 1;
+    let v6 = Pkt::tcp("2001:db8::10", 40013, "2001:db8::2", 30081, SYN);
+    let mut v6_1 = Pkt::tcp("2001:db8::10", 40014, "2001:db8::2", 30081, SYN);
+    v6_1.ttl = 1;
+    let exceeded = |p: &Pkt, from: &str, to: &str| {
+        let q = p.ip();
+        let quote = if p.src.is_ipv4() { &q[..28] } else { &q[..48] };
+        let ty = if p.src.is_ipv4() { 11 } else { 3 };
+        let mut e = pkt::icmp_error(from, to, ty, 0, [0; 4], quote);
+        e.ip_id = 0;
+        let seg = e.segment();
+        e.eth(&e.ip_with(&seg, if p.src.is_ipv4() { 0x4000 } else { 0 }))
+    };
+    table(
+        &mut fx,
+        vec![
+            (
+                "TTL 64 -> remote backend leaves with 63",
+                Pkt::tcp(CLIENT, 40009, NODE, 30081, SYN).build(),
+                XDP_TX,
+                Some(snat_out(
+                    &Pkt::tcp(CLIENT, 40009, NODE, 30081, SYN),
+                    NODE,
+                    "10.0.2.5",
+                    63,
+                )),
+            ),
+            (
+                "TTL 2 -> remote backend leaves with 1",
+                ttl2.build(),
+                XDP_TX,
+                Some(snat_out(&ttl2, NODE, "10.0.2.5", 1)),
+            ),
+            (
+                "TTL 1 TCP -> remote backend: ICMP time exceeded to the client",
+                ttl1.build(),
+                XDP_TX,
+                Some(exceeded(&ttl1, NODE, CLIENT)),
+            ),
+            (
+                "TTL 1 UDP -> remote backend: ICMP time exceeded to the client",
+                udp1.build(),
+                XDP_TX,
+                Some(exceeded(&udp1, NODE, CLIENT)),
+            ),
+            (
+                "TTL 1 -> local backend: DNAT only, TTL left to the kernel",
+                local1.build(),
+                XDP_PASS,
+                Some(with_dst(&local1, "10.0.1.5", 8080).build()),
+            ),
+            (
+                "IPv6 hop limit 64 -> remote backend leaves with 63",
+                v6.build(),
+                XDP_TX,
+                Some(snat_out(&v6, "2001:db8::2", "fd00:10:0:2::5", 63)),
+            ),
+            (
+                "IPv6 hop limit 1 -> remote backend: ICMPv6 time exceeded",
+                v6_1.build(),
+                XDP_TX,
+                Some(exceeded(&v6_1, "2001:db8::2", "2001:db8::10")),
+            ),
+        ],
+    );
+    // The reply of the TTL-2 flow from the backend, arriving with TTL 1: it must not be
+    // routed on to the client either; the backend gets the time exceeded.
+    let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, snat_port(&ttl2), SYN | ACK);
+    reply.src_mac = NODE2_MAC;
+    reply.ttl = 1;
+    let mut back = {
+        let q = reply.ip();
+        pkt::icmp_error(NODE, "10.0.2.5", 11, 0, [0; 4], &q[..28])
+    };
+    back.ip_id = 0;
+    back.dst_mac = NODE2_MAC;
+    let seg = back.segment();
+    let back = back.eth(&back.ip_with(&seg, 0x4000));
+    table(
+        &mut fx,
+        vec![(
+            "reply with TTL 1: time exceeded back to the backend",
+            reply.build(),
+            XDP_TX,
+            Some(back),
+        )],
+    );
+}
+
+/// ICMPv6 errors about translated flows go back to the backend: the quoted packet and the
+/// outer destination reverse-translated, the quoted UDP checksum and the ICMPv6 checksum (with
+/// its pseudo header) fixed. Local backends: to the kernel; remote (SNAT) ones: routed on.
+#[test]
+fn icmpv6_errors_translated_back() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("fd00:10:0:1::5", 8080, true);
+    let remote = fx.backend("fd00:10:0:2::5", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend(("2001:db8::2", 30080, 6), 1, slot(local), 1, 0);
+    fx.frontend(("2001:db8::2", 30082, 17), 2, slot(remote), 1, 0);
+    const FE: &str = "2001:db8::2";
+    const C6: &str = "2001:db8::10";
+    const ROUTER: &str = "2001:db8::1";
+    let syn = Pkt::tcp(C6, 40000, FE, 30080, SYN);
+    let udp = Pkt::udp(C6, 5353, FE, 30082).payload(&[9u8; 64]);
+    let uport = snat_port(&udp);
+    let mut udp_out = with_dst(&udp, "fd00:10:0:2::5", 8080);
+    udp_out.src = FE.parse().unwrap();
+    set_ports(&mut udp_out, Some(uport), None);
+    udp_out.src_mac = NODE_MAC;
+    udp_out.dst_mac = NODE2_MAC;
+    udp_out.ttl = 63;
+    table(
+        &mut fx,
+        vec![
+            (
+                "syn",
+                syn.build(),
+                XDP_PASS,
+                Some(with_dst(&syn, "fd00:10:0:1::5", 8080).build()),
+            ),
+            ("udp", udp.build(), XDP_TX, Some(udp_out.build())),
+        ],
+    );
+    // A router on the client's side complains about the frontend's replies.
+    let error = |ty: u8, code: u8, rest: [u8; 4], quoted: &Pkt, dst: &str| {
+        let q = quoted.ip();
+        let mut e = pkt::icmp_error(ROUTER, dst, ty, code, rest, &q[..48]);
+        e.src_mac = CLIENT_MAC;
+        e.dst_mac = NODE_MAC;
+        e
+    };
+    let mtu = 1280u32.to_be_bytes();
+    let reply = Pkt::tcp(FE, 30080, C6, 40000, SYN | ACK);
+    let backend_reply = Pkt::tcp("fd00:10:0:1::5", 8080, C6, 40000, SYN | ACK);
+    let ureply = Pkt::udp(FE, 30082, C6, 5353).payload(b"answer");
+    let ubackend = Pkt::udp("fd00:10:0:2::5", 8080, FE, uport).payload(b"answer");
+    let mut routed = error(2, 0, mtu, &ubackend, "fd00:10:0:2::5");
+    routed.src_mac = NODE_MAC;
+    routed.dst_mac = NODE2_MAC;
+    routed.ttl = 63;
+    let other = Pkt::tcp(FE, 30080, C6, 49999, SYN | ACK);
+    table(
+        &mut fx,
+        vec![
+            (
+                "packet too big about the frontend's reply -> local backend",
+                error(2, 0, mtu, &reply, FE).build(),
+                XDP_PASS,
+                Some(error(2, 0, mtu, &backend_reply, "fd00:10:0:1::5").build()),
+            ),
+            (
+                "port unreachable about the frontend's reply -> local backend",
+                error(1, 4, [0; 4], &reply, FE).build(),
+                XDP_PASS,
+                Some(error(1, 4, [0; 4], &backend_reply, "fd00:10:0:1::5").build()),
+            ),
+            (
+                "packet too big about a SNATed UDP reply -> routed to the remote backend",
+                error(2, 0, mtu, &ureply, FE).build(),
+                XDP_TX,
+                Some(routed.build()),
+            ),
+            (
+                "error about an untracked flow: untouched",
+                error(2, 0, mtu, &other, FE).build(),
+                XDP_PASS,
+                None,
+            ),
+            (
+                "echo request: untouched",
+                {
+                    let mut e = pkt::icmp_error(C6, FE, 128, 0, [0, 1, 0, 1], b"ping");
+                    e.src_mac = CLIENT_MAC;
+                    e.dst_mac = NODE_MAC;
+                    e.build()
+                },
+                XDP_PASS,
+                None,
+            ),
+        ],
+    );
+}
+
+/// An IPv6 fragment of `p`'s L4 segment: fragment header (id, offset in bytes, more flag)
+/// between the IPv6 header and `part`.
+fn v6_fragment(p: &Pkt, part: &[u8], offset: usize, more: bool, id: u32) -> Vec<u8> {
+    let mut body = vec![p.proto(), 0];
+    body.extend((((offset / 8) << 3) as u16 | u16::from(more)).to_be_bytes());
+    body.extend(id.to_be_bytes());
+    body.extend(part);
+    let mut ip = p.ip_with(&body, 0);
+    ip[6] = 44; // next header: fragment
+    p.eth(&ip)
+}
+
+/// IPv6 fragments follow their first fragment like IPv4 ones: the first is translated with
+/// its ports and remembered by (addresses, 32-bit id, protocol); later ones get the same
+/// address rewrite (to a local backend: PASS; remote: routed on); a later fragment without a
+/// tracked first is passed untouched, never rewritten on a guess.
+#[test]
+fn ipv6_fragments_follow_the_first() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("fd00:10:0:1::5", 8080, true);
+    let remote = fx.backend("fd00:10:0:2::5", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend(("2001:db8::2", 30083, 17), 1, slot(local), 1, 0);
+    fx.frontend(("2001:db8::2", 30084, 17), 2, slot(remote), 1, 0);
+    let big = Pkt::udp("2001:db8::10", 5353, "2001:db8::2", 30083).payload(&[7u8; 40]);
+    let seg = big.segment(); // 48 bytes: 24 + 24
+    let out = with_dst(&big, "fd00:10:0:1::5", 8080);
+    let oseg = out.segment();
+    let rbig = Pkt::udp("2001:db8::10", 5354, "2001:db8::2", 30084).payload(&[8u8; 40]);
+    let rseg = rbig.segment();
+    let mut rout = with_dst(&rbig, "fd00:10:0:2::5", 8080);
+    rout.src = "2001:db8::2".parse().unwrap();
+    set_ports(&mut rout, Some(snat_port(&rbig)), None);
+    rout.src_mac = NODE_MAC;
+    rout.dst_mac = NODE2_MAC;
+    rout.ttl = 63;
+    let roseg = rout.segment();
+    table(
+        &mut fx,
+        vec![
+            (
+                "first fragment: translated with ports",
+                v6_fragment(&big, &seg[..24], 0, true, 0xabcd_0001),
+                XDP_PASS,
+                Some(v6_fragment(&out, &oseg[..24], 0, true, 0xabcd_0001)),
+            ),
+            (
+                "later fragment: same address translation",
+                v6_fragment(&big, &seg[24..], 24, false, 0xabcd_0001),
+                XDP_PASS,
+                Some(v6_fragment(&out, &oseg[24..], 24, false, 0xabcd_0001)),
+            ),
+            (
+                "later fragment of another id: untouched",
+                v6_fragment(&big, &seg[24..], 24, false, 0xabcd_0002),
+                XDP_PASS,
+                None,
+            ),
+            (
+                "first fragment to a remote backend: SNAT, routed",
+                v6_fragment(&rbig, &rseg[..24], 0, true, 7),
+                XDP_TX,
+                Some(v6_fragment(&rout, &roseg[..24], 0, true, 7)),
+            ),
+            (
+                "its later fragment: routed the same way",
+                v6_fragment(&rbig, &rseg[24..], 24, false, 7),
+                XDP_TX,
+                Some(v6_fragment(&rout, &roseg[24..], 24, false, 7)),
+            ),
+        ],
+    );
+}
+
 #[test]
 fn ipv6_reject_and_translate() {
     let Some(mut fx) = Fx::new() else { return };
@@ -1116,6 +1434,229 @@ fn ipv6_reject_and_translate() {
                 Some(unreach),
             ),
         ],
+    );
+}
+
+fn dsr_config() -> Config {
+    Config {
+        lb_mode: LB_MODE_DSR,
+        ..v4_config()
+    }
+}
+
+/// The tunnel header the front node puts in front of a DSR packet, built here from the
+/// specification in `lb-ebpf/src/dsr.rs` with its own checksum: IPv4 with IHL 7, DF as given,
+/// TTL 64, protocol 4 (IPIP), node -> backend's node, option 0x9e/8 with frontend port and
+/// address.
+fn ipip_header(src: &str, dst: &str, inner_len: usize, df: bool, fe: (&str, u16)) -> Vec<u8> {
+    let ip4 = |x: &str| x.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    let mut h = vec![0x47, 0];
+    h.extend(((inner_len + 28) as u16).to_be_bytes());
+    h.extend([0, 0, if df { 0x40 } else { 0 }, 0, 64, 4, 0, 0]);
+    h.extend(ip4(src));
+    h.extend(ip4(dst));
+    h.extend([0x9e, 8]);
+    h.extend(fe.1.to_be_bytes());
+    h.extend(ip4(fe.0));
+    let c = pkt::checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// An Ethernet frame `dst_mac <- src_mac` carrying `ip` (IPv4).
+fn eth4(dst_mac: [u8; 6], src_mac: [u8; 6], ip: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend(dst_mac);
+    f.extend(src_mac);
+    f.extend([0x08, 0x00]);
+    f.extend(ip);
+    f
+}
+
+/// `--lb-mode dsr`, front node: a new flow to a remote backend is DNATed (client source kept,
+/// TTL 63) and tunnelled in IPIP to the backend's node (XDP_TX to its MAC); conntrack keeps
+/// later packets on it; a packet that would not fit once encapsulated gets "fragmentation
+/// needed" (DF) or is dropped (no DF); a backend without a known node falls back to SNAT.
+#[test]
+fn dsr_encapsulates_to_the_backend_node() {
+    let Some(mut fx) = Fx::new() else { return };
+    fx.dp.set_config(&dsr_config()).unwrap();
+    let remote = fx.backend_on("10.0.2.5", 8080, "192.168.0.3");
+    let nodeless = fx.backend("10.0.2.6", 8080, false);
+    let slot = |backend| MaglevSlot { backend, prev: 0 };
+    fx.frontend((NODE, 30081, 6), 1, slot(remote), 1, 0);
+    fx.frontend(("1.2.3.4", 80, 17), 2, slot(remote), 1, 0);
+    fx.frontend((NODE, 30085, 6), 3, slot(nodeless), 1, 0);
+
+    let tunnelled = |p: &Pkt, fe: (&str, u16), df: bool| {
+        let mut inner = with_dst(p, "10.0.2.5", 8080);
+        inner.ttl = p.ttl - 1;
+        let seg = inner.segment();
+        let ip = inner.ip_with(&seg, if df { 0x4000 } else { 0 });
+        // The inner packet on its own must be a valid packet (DNAT + L4 checksum).
+        pkt::verify(&eth4(NODE2_MAC, NODE_MAC, &ip)).expect("expected inner packet");
+        let mut outer = ipip_header(NODE, "192.168.0.3", ip.len(), df, fe);
+        outer.extend(&ip);
+        eth4(NODE2_MAC, NODE_MAC, &outer)
+    };
+    let syn = Pkt::tcp(CLIENT, 40000, NODE, 30081, SYN);
+    let ack = Pkt::tcp(CLIENT, 40000, NODE, 30081, ACK).payload(b"GET / HTTP/1.1\r\n\r\n");
+    let udp = Pkt::udp(CLIENT, 5353, "1.2.3.4", 80);
+    let with_df = |p: &Pkt| {
+        let seg = p.segment();
+        p.eth(&p.ip_with(&seg, 0x4000))
+    };
+    // 1500-byte MTU on veth0: 1480 bytes of IP fit as they are, not with 28 more.
+    let big = Pkt::tcp(CLIENT, 40001, NODE, 30081, ACK).payload(&[1u8; 1440]);
+    let frag_needed = {
+        let q = big.ip_with(&big.segment(), 0x4000);
+        let mut e = pkt::icmp_error(NODE, CLIENT, 3, 4, [0, 0, 0x05, 0xc0], &q[..28]);
+        e.ip_id = 0;
+        let seg = e.segment();
+        e.eth(&e.ip_with(&seg, 0x4000))
+    };
+    let snat_syn = Pkt::tcp(CLIENT, 40002, NODE, 30085, SYN);
+    let mut snat_out = with_dst(&snat_syn, "10.0.2.6", 8080);
+    snat_out.src = NODE.parse().unwrap();
+    set_ports(&mut snat_out, Some(snat_port(&snat_syn)), None);
+    snat_out.src_mac = NODE_MAC;
+    snat_out.dst_mac = NODE2_MAC;
+    snat_out.ttl = 63;
+    table(
+        &mut fx,
+        vec![
+            (
+                "tcp syn: DNAT, IPIP to node2",
+                syn.build(),
+                XDP_TX,
+                Some(tunnelled(&syn, (NODE, 30081), false)),
+            ),
+            (
+                "conntrack hit: same tunnel",
+                ack.build(),
+                XDP_TX,
+                Some(tunnelled(&ack, (NODE, 30081), false)),
+            ),
+            (
+                "DF is copied to the outer header",
+                with_df(&Pkt::tcp(CLIENT, 40000, NODE, 30081, ACK)),
+                XDP_TX,
+                Some(tunnelled(
+                    &Pkt::tcp(CLIENT, 40000, NODE, 30081, ACK),
+                    (NODE, 30081),
+                    true,
+                )),
+            ),
+            (
+                "udp to a LoadBalancer IP: the option carries 1.2.3.4:80",
+                udp.build(),
+                XDP_TX,
+                Some(tunnelled(&udp, ("1.2.3.4", 80), false)),
+            ),
+            (
+                "too big once encapsulated, DF: frag needed (MTU 1472) to the client",
+                with_df(&big),
+                XDP_TX,
+                Some(frag_needed),
+            ),
+            (
+                "too big once encapsulated, no DF: dropped, never sent oversize",
+                big.build(),
+                XDP_DROP,
+                None,
+            ),
+            (
+                "backend without a known node: SNAT as before",
+                snat_syn.build(),
+                XDP_TX,
+                Some(snat_out.build()),
+            ),
+        ],
+    );
+    let ct = fx.dp.ct_entries();
+    assert_eq!(
+        ct.len(),
+        5,
+        "one entry per DSR flow (3), forward + reply for the SNAT one: {ct:?}"
+    );
+}
+
+/// `--lb-mode dsr`, backend node: the tunnel from node2 (192.168.0.3) to this node is
+/// stripped (XDP_PASS with the inner packet, MACs kept), and the pod's reply gets the frontend
+/// from the tunnel option as its source on tc egress. Tunnels that are not ours, or arrive
+/// while the node is in SNAT mode, are left to the kernel untouched.
+#[test]
+fn dsr_decapsulates_for_local_pods() {
+    let Some(mut fx) = Fx::new() else { return };
+    fx.dp.set_config(&dsr_config()).unwrap();
+    let inner = Pkt::tcp(CLIENT, 40000, "10.0.1.5", 8080, SYN);
+    let ip = inner.ip();
+    let frame = |fe: (&str, u16), opt_type: u8, dst: &str| {
+        let mut outer = ipip_header("192.168.0.3", dst, ip.len(), false, fe);
+        outer[20] = opt_type;
+        outer[10..12].copy_from_slice(&[0, 0]);
+        let c = pkt::checksum(&outer);
+        outer[10..12].copy_from_slice(&c.to_be_bytes());
+        outer.extend(&ip);
+        eth4(NODE_MAC, NODE2_MAC, &outer)
+    };
+    let udp_inner = Pkt::udp(CLIENT, 5353, "10.0.1.5", 5353);
+    let uip = udp_inner.ip();
+    let mut udp_outer = ipip_header("192.168.0.3", NODE, uip.len(), false, ("1.2.3.4", 53));
+    udp_outer.extend(&uip);
+    table(
+        &mut fx,
+        vec![
+            (
+                "tunnelled SYN for a local pod: decapsulated",
+                frame((NODE, 30081), 0x9e, NODE),
+                XDP_PASS,
+                Some(eth4(NODE_MAC, NODE2_MAC, &ip)),
+            ),
+            (
+                "tunnelled UDP to an LB IP: decapsulated",
+                eth4(NODE_MAC, NODE2_MAC, &udp_outer),
+                XDP_PASS,
+                Some(eth4(NODE_MAC, NODE2_MAC, &uip)),
+            ),
+            (
+                "IPIP without our option: untouched",
+                frame((NODE, 30081), 0x94, NODE),
+                XDP_PASS,
+                None,
+            ),
+            (
+                "IPIP to another address: untouched",
+                frame((NODE, 30081), 0x9e, "192.168.0.9"),
+                XDP_PASS,
+                None,
+            ),
+        ],
+    );
+    // The pod answers the client directly; tc egress puts the frontend in as its source.
+    let reply = Pkt::tcp("10.0.1.5", 8080, CLIENT, 40000, SYN | ACK);
+    let (v, out) = fx.tc(&reply.build());
+    assert_eq!(v, 0, "TC_ACT_OK");
+    let expected = Pkt::tcp(NODE, 30081, CLIENT, 40000, SYN | ACK).build();
+    assert_eq!(hex(&out), hex(&expected));
+    pkt::verify(&out).unwrap();
+    let ureply = Pkt::udp("10.0.1.5", 5353, CLIENT, 5353);
+    let (_, out) = fx.tc(&ureply.build());
+    assert_eq!(
+        hex(&out),
+        hex(&Pkt::udp("1.2.3.4", 53, CLIENT, 5353).build())
+    );
+
+    // A node in SNAT mode never decapsulates.
+    fx.dp.set_config(&v4_config()).unwrap();
+    table(
+        &mut fx,
+        vec![(
+            "SNAT mode: tunnel untouched",
+            frame((NODE, 30081), 0x9e, NODE),
+            XDP_PASS,
+            None,
+        )],
     );
 }
 

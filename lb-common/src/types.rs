@@ -64,6 +64,10 @@ pub struct Backend {
     pub proto: u8,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
+    /// The IP of the node the endpoint runs on (same family as `addr`; from the EndpointSlice's
+    /// `nodeName` and that Node's addresses), or all zero when unknown or local. `--lb-mode
+    /// dsr` tunnels to it; without it a remote backend is reached through SNAT.
+    pub node: [u32; 4],
 }
 
 /// The endpoint runs on this node.
@@ -172,7 +176,15 @@ pub mod counter {
     pub const ICMP_XLATE: u32 = 12;
     /// No free SNAT port for a new flow (dropped).
     pub const SNAT_EXHAUSTED: u32 = 13;
-    pub const COUNT: u32 = 16;
+    /// XDP: a packet to be routed on had TTL / hop limit <= 1 (time exceeded sent, or dropped).
+    pub const XDP_TTL_EXCEEDED: u32 = 14;
+    /// DSR: a packet was IPIP-encapsulated to its backend's node.
+    pub const DSR_ENCAP: u32 = 15;
+    /// DSR: a tunnelled packet was decapsulated for a local backend.
+    pub const DSR_DECAP: u32 = 16;
+    /// DSR: a packet too big to encapsulate (ICMP frag needed sent, or dropped without DF).
+    pub const DSR_TOO_BIG: u32 = 17;
+    pub const COUNT: u32 = 32;
 }
 
 const _: () = {
@@ -180,7 +192,7 @@ const _: () = {
     assert!(core::mem::size_of::<SvcVal>() == 20);
     assert!(core::mem::size_of::<AffinityKey>() == 24);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
-    assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<Backend>() == 36);
     assert!(core::mem::size_of::<RevSkKey>() == 32);
     assert!(core::mem::size_of::<RevSkVal>() == 20);
     assert!(core::mem::size_of::<MaglevSlot>() == 8);

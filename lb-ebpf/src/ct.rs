@@ -48,10 +48,15 @@ pub fn backend_exists(id: u32) -> bool {
 /// State after seeing a packet with these TCP flags.
 #[inline(always)]
 pub fn next_state(state: u8, h: &Hdr) -> u8 {
-    if h.proto != IPPROTO_TCP {
+    state_after(state, h.proto, h.tcp_flags)
+}
+
+/// State after seeing a packet of `proto` with TCP flags `f`.
+#[inline(always)]
+pub fn state_after(state: u8, proto: u8, f: u8) -> u8 {
+    if proto != IPPROTO_TCP {
         return CT_UDP;
     }
-    let f = h.tcp_flags;
     if f & (TCP_FIN | TCP_RST) != 0 || state == CT_CLOSING {
         CT_CLOSING
     } else if f & TCP_SYN != 0 && f & TCP_ACK == 0 {
@@ -75,7 +80,13 @@ pub fn timeout_ns(cfg: &Config, state: u8) -> u64 {
 /// Refreshes state and expiry of a hit entry; writes only when something changes noticeably.
 #[inline(always)]
 pub fn touch(v: *mut CtVal, cur: &CtVal, cfg: &Config, h: &Hdr, now: u64) {
-    let state = next_state(cur.state, h);
+    touch_with(v, cur, cfg, h.proto, h.tcp_flags, now);
+}
+
+/// [`touch`] for a packet described by protocol and TCP flags (a tunnelled inner packet).
+#[inline(always)]
+pub fn touch_with(v: *mut CtVal, cur: &CtVal, cfg: &Config, proto: u8, flags: u8, now: u64) {
+    let state = state_after(cur.state, proto, flags);
     let expires = now + timeout_ns(cfg, state);
     if state != cur.state || expires > cur.expires + REFRESH_NS {
         // SAFETY: v points into a live map value; racing writers only write the same fields

@@ -2,7 +2,10 @@
 //! (addresses, IP id, protocol) and applied to the later fragments. A later fragment with no
 //! remembered first fragment (lost, reordered, not ours) goes to the kernel untouched.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    programs::XdpContext,
+};
 use lb_common::{
     ct::{CT_F_LOCAL, FragKey, FragVal},
     types::counter,
@@ -55,6 +58,12 @@ pub fn follow(ctx: &XdpContext, h: &Hdr) -> u32 {
     let Some(v) = lookup(h) else {
         return XDP_PASS;
     };
+    let local = v.flags & u32::from(CT_F_LOCAL) != 0;
+    if !local && fwd::ttl_expired(ctx.data(), ctx.data_end(), h) {
+        // The kernel answers only first fragments; later ones just die.
+        count(counter::XDP_TTL_EXCEEDED);
+        return XDP_DROP;
+    }
     let to = Tuple {
         src: v.src,
         dst: v.dst,
@@ -65,7 +74,7 @@ pub fn follow(ctx: &XdpContext, h: &Hdr) -> u32 {
         return XDP_PASS;
     }
     count(counter::XDP_FRAG);
-    if v.flags & u32::from(CT_F_LOCAL) != 0 {
+    if local {
         return XDP_PASS;
     }
     fwd::forward(ctx, h, &to)

@@ -5,6 +5,7 @@
 mod affinity;
 mod csum;
 mod ct;
+mod dsr;
 mod frag;
 mod fwd;
 mod icmp;

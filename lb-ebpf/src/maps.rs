@@ -105,6 +105,8 @@ pub struct Scratch {
     pub to: Tuple,
     /// sessionAffinity key of a new flow's client.
     pub aff: AffinityKey,
+    /// DSR: the MTU to report in "fragmentation needed".
+    pub mtu: u16,
 }
 
 #[btf_map(name = "KPLB_SCRATCH")]

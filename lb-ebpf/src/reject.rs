@@ -1,5 +1,6 @@
 //! kube-proxy's REJECT, generated in XDP: a TCP RST, or an ICMP/ICMPv6 port unreachable for
-//! UDP, sent back out of the interface the packet came in on (XDP_TX). The frame is rebuilt in
+//! UDP, sent back out of the interface the packet came in on (XDP_TX); and ICMP time exceeded
+//! for packets we would route on with an expired TTL. The frame is rebuilt in
 //! place; packets we cannot answer exactly (IP options, IPv6 extension headers, a RST) are
 //! dropped, never answered with a malformed reply.
 
@@ -13,7 +14,7 @@ use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     csum::{fold, sum_addr, sum_words},
-    parse::{Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
+    parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ptr_at},
 };
 
 #[inline(always)]
@@ -122,9 +123,57 @@ fn write<T>(data: usize, end: usize, off: usize, v: T) -> Option<()> {
 pub fn reject(ctx: &XdpContext, h: &Hdr) -> u32 {
     match h.proto {
         IPPROTO_TCP => tcp_rst(ctx, h).unwrap_or(XDP_DROP),
-        IPPROTO_UDP => port_unreachable(ctx, h).unwrap_or(XDP_DROP),
+        IPPROTO_UDP => icmp_error(ctx, h, PORT_UNREACHABLE).unwrap_or(XDP_DROP),
         _ => XDP_DROP,
     }
+}
+
+/// ICMP (v4 type, code) and ICMPv6 (type, code) of an error, and the 4 bytes after the
+/// checksum (unused, or the next-hop MTU).
+#[derive(Clone, Copy)]
+pub struct IcmpKind {
+    v4: [u8; 2],
+    v6: [u8; 2],
+    rest: [u8; 4],
+}
+
+const PORT_UNREACHABLE: IcmpKind = IcmpKind {
+    v4: [3, 3],
+    v6: [1, 4],
+    rest: [0; 4],
+};
+/// TTL / hop limit exceeded in transit.
+const TIME_EXCEEDED: IcmpKind = IcmpKind {
+    v4: [11, 0],
+    v6: [3, 0],
+    rest: [0; 4],
+};
+
+/// IPv4 "fragmentation needed" (3/4) with the next-hop `mtu`, for a packet with DF set that
+/// does not fit once encapsulated (DSR).
+#[inline(never)]
+pub fn frag_needed(ctx: &XdpContext, h: &Hdr, mtu: u16) -> u32 {
+    if h.v6 || h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP || h.frag == Frag::Later {
+        return XDP_DROP;
+    }
+    let m = mtu.to_be_bytes();
+    let kind = IcmpKind {
+        v4: [3, 4],
+        v6: [2, 0],
+        rest: [0, 0, m[0], m[1]],
+    };
+    icmp_error(ctx, h, kind).unwrap_or(XDP_DROP)
+}
+
+/// Answers a TCP/UDP packet we would route on with TTL <= 1 the way the kernel's forwarding
+/// path does: ICMP time exceeded, from the address the client sent to. Later fragments, ICMP
+/// and anything we cannot quote exactly are dropped (the kernel never answers those either).
+#[inline(never)]
+pub fn time_exceeded(ctx: &XdpContext, h: &Hdr) -> u32 {
+    if h.proto != IPPROTO_TCP && h.proto != IPPROTO_UDP || h.frag == Frag::Later {
+        return XDP_DROP;
+    }
+    icmp_error(ctx, h, TIME_EXCEEDED).unwrap_or(XDP_DROP)
 }
 
 #[inline(always)]
@@ -177,9 +226,9 @@ fn tcp_rst(ctx: &XdpContext, h: &Hdr) -> Option<u32> {
     Some(XDP_TX)
 }
 
-/// ICMP type 3 code 3 / ICMPv6 type 1 code 4, quoting the IP header and 8 bytes of UDP.
+/// An ICMP/ICMPv6 error of `kind` back to the sender, quoting the IP header and 8 bytes of L4.
 #[inline(always)]
-fn port_unreachable(ctx: &XdpContext, h: &Hdr) -> Option<u32> {
+fn icmp_error(ctx: &XdpContext, h: &Hdr, kind: IcmpKind) -> Option<u32> {
     let ip_len: usize = if h.v6 { 40 } else { 20 };
     if h.l4 != h.l3 + ip_len {
         return None;
@@ -237,7 +286,8 @@ fn port_unreachable(ctx: &XdpContext, h: &Hdr) -> Option<u32> {
             ipv6_header(&src, &dst, IPPROTO_ICMPV6, icmp_len),
         )?;
         let q = ptr_at::<[u8; 48]>(data, end, icmp_off + 8)?;
-        let mut icmp = [1u8, 4, 0, 0, 0, 0, 0, 0];
+        let r = kind.rest;
+        let mut icmp = [kind.v6[0], kind.v6[1], 0, 0, r[0], r[1], r[2], r[3]];
         let sum =
             pseudo(&src, &dst, true, IPPROTO_ICMPV6, icmp_len) + sum_words::<24>(q as *const u8);
         let c = (!fold(sum + sum_bytes(&icmp))).to_ne_bytes();
@@ -252,7 +302,8 @@ fn port_unreachable(ctx: &XdpContext, h: &Hdr) -> Option<u32> {
             ipv4_header(&src, &dst, IPPROTO_ICMP, (20 + 8 + quote) as u16),
         )?;
         let q = ptr_at::<[u8; 28]>(data, end, icmp_off + 8)?;
-        let mut icmp = [3u8, 3, 0, 0, 0, 0, 0, 0];
+        let r = kind.rest;
+        let mut icmp = [kind.v4[0], kind.v4[1], 0, 0, r[0], r[1], r[2], r[3]];
         let c = (!fold(sum_words::<14>(q as *const u8) + sum_bytes(&icmp))).to_ne_bytes();
         icmp[2] = c[0];
         icmp[3] = c[1];

@@ -17,17 +17,20 @@ use lb_common::{
     AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, IPPROTO_TCP, IPPROTO_UDP,
     SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey,
     SvcVal, addr,
-    ct::{CFG_F_SVC_CIDR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal, SrcRangeKey},
+    ct::{
+        CFG_F_SVC_CIDR, CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal,
+        SrcRangeKey,
+    },
     hash::flow_hash,
     types::counter,
 };
 
 use crate::{
-    affinity, ct, frag, fwd, icmp,
+    affinity, ct, dsr, frag, fwd, icmp,
     maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, account, config, count, parsed},
     nat::{self, Tuple},
     parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, Skip, TCP_ACK, TCP_SYN},
-    reject::reject,
+    reject::{self, reject, time_exceeded},
     select,
 };
 
@@ -45,7 +48,14 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let h = &s.hdr;
     match h.proto {
         IPPROTO_TCP | IPPROTO_UDP => {}
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => return icmp::inbound(ctx, h),
+        dsr::IPPROTO_IPIP => return dsr::decap(ctx, s, cfg),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let v = icmp::inbound(ctx, h, &mut s.to);
+            if v == icmp::ROUTE {
+                return fwd::forward(ctx, &s.hdr, &s.to);
+            }
+            return v;
+        }
         _ => return XDP_PASS,
     }
     if h.frag == Frag::Later {
@@ -57,15 +67,32 @@ pub fn run(ctx: &XdpContext) -> u32 {
         proto: h.proto,
         scope: SCOPE_EXTERNAL,
     };
-    if let Some(svc) = select::lookup(&key) {
-        return frontend(ctx, s, &svc, cfg);
+    let mut v = if let Some(svc) = select::lookup(&key) {
+        frontend(ctx, s, &svc, cfg)
+    } else {
+        let v = reply(ctx, h, cfg);
+        if v == NOT_A_REPLY {
+            return other(ctx, h, cfg);
+        }
+        v
+    };
+    if v == dsr::ENCAP {
+        v = dsr::encap(ctx, s, cfg);
     }
-    let v = reply(ctx, h, cfg);
-    if v != NOT_A_REPLY {
-        return v;
+    if v == dsr::TOO_BIG {
+        return reject::frag_needed(ctx, &s.hdr, s.mtu);
     }
-    other(ctx, h, cfg)
+    if v == TTL_EXPIRED {
+        // Answered from here, not deeper down: the answer's frame would not fit on the
+        // translators' stacks.
+        count(counter::XDP_TTL_EXCEEDED);
+        return time_exceeded(ctx, &s.hdr);
+    }
+    v
 }
+
+/// Internal verdict: the packet would be routed on with no hop left (see `fwd::ttl_expired`).
+pub const TTL_EXPIRED: u32 = u32::MAX - 1;
 
 /// Not a frontend port: reject on LoadBalancer/external IPs, drop unused service IPs.
 #[inline(never)]
@@ -123,6 +150,9 @@ fn reply_inner(ctx: &XdpContext, h: &Hdr, cfg: &Config) -> Option<u32> {
         return None;
     }
     ct::touch(p, &v, cfg, h, ct::now());
+    if fwd::ttl_expired(ctx.data(), ctx.data_end(), h) {
+        return Some(TTL_EXPIRED);
+    }
     let to = Tuple {
         src: v.nat_addr,
         sport: v.nat_port,
@@ -254,6 +284,10 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
         if CT.insert(&s.rkey, &s.r, 0).is_err() {
             return XDP_DROP;
         }
+    } else if dsr::eligible(cfg, h, &b.node) {
+        // The reply leaves the backend's node directly: no reply entry here.
+        s.v.flags |= CT_F_DSR;
+        s.v.nat2_addr = b.node;
     } else {
         let node = if h.v6 { cfg.node_ip6 } else { cfg.node_ip4 };
         s.r.flags |= CT_F_SNAT;
@@ -279,6 +313,9 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
 #[inline(always)]
 fn translate(ctx: &XdpContext, s: &mut Scratch) -> u32 {
     let (h, v) = (&s.hdr, &s.v);
+    if v.flags & CT_F_DSR != 0 {
+        return dsr::ENCAP;
+    }
     s.to = Tuple {
         src: h.src,
         sport: h.sport,
@@ -288,6 +325,10 @@ fn translate(ctx: &XdpContext, s: &mut Scratch) -> u32 {
     if v.flags & CT_F_SNAT != 0 {
         s.to.src = v.nat2_addr;
         s.to.sport = v.nat2_port;
+    }
+    // Routed on (not handed to a local pod): a router's TTL rules apply.
+    if v.flags & CT_F_LOCAL == 0 && fwd::ttl_expired(ctx.data(), ctx.data_end(), h) {
+        return TTL_EXPIRED;
     }
     if nat::rewrite(ctx.data(), ctx.data_end(), h, &s.to).is_none() {
         return XDP_DROP;

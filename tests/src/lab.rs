@@ -244,6 +244,19 @@ impl Lab {
     /// and a default route via node1, so ExternalIPs and LoadBalancer IPs go to node1. Its
     /// cgroup is `<lab cgroup>/<name>`, outside every node's subtree.
     pub fn add_external_client(&mut self, name: &str, v4: &str) -> Result<&Ns> {
+        self.external_client(name, v4, None)
+    }
+
+    /// [`Lab::add_external_client`] with IPv6 too: `v6`/64 on `eth0` (use an address in the
+    /// nodes' 2001:db8::/64, so node IPs are on-link) and an IPv6 default route via node1.
+    pub fn add_external_client_v6(&mut self, name: &str, v4: &str, v6: &str) -> Result<&Ns> {
+        let ipv6: Ipv6Addr = v6
+            .parse()
+            .with_context(|| format!("external IPv6 {v6:?}"))?;
+        self.external_client(name, v4, Some(ipv6))
+    }
+
+    fn external_client(&mut self, name: &str, v4: &str, ipv6: Option<Ipv6Addr>) -> Result<&Ns> {
         let ipv4: Ipv4Addr = v4
             .parse()
             .with_context(|| format!("external IPv4 {v4:?}"))?;
@@ -252,7 +265,7 @@ impl Lab {
             Role::External,
             self.cgroup.join(name),
             Some(ipv4),
-            None,
+            ipv6,
         )?;
         self.links += 1;
         let port = format!("x{}", self.links);
@@ -264,16 +277,18 @@ impl Lab {
                 format!("link set {port} up"),
             ],
         )?;
-        netns::ip_batch(
-            &client_netns,
-            &[
-                "link set lo up".to_owned(),
-                "link set eth0 up".to_owned(),
-                format!("addr add {ipv4}/24 dev eth0"),
-                "route add 192.168.0.0/24 dev eth0".to_owned(),
-                format!("route add default via {}", node_ipv4(1)),
-            ],
-        )?;
+        let mut batch = vec![
+            "link set lo up".to_owned(),
+            "link set eth0 up".to_owned(),
+            format!("addr add {ipv4}/24 dev eth0"),
+            "route add 192.168.0.0/24 dev eth0".to_owned(),
+            format!("route add default via {}", node_ipv4(1)),
+        ];
+        if let Some(ipv6) = ipv6 {
+            batch.push(format!("addr add {ipv6}/64 dev eth0 nodad"));
+            batch.push(format!("route add ::/0 via {}", node_ipv6(1)));
+        }
+        netns::ip_batch(&client_netns, &batch)?;
         self.ns(name)
     }
 

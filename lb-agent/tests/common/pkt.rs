@@ -315,3 +315,24 @@ pub fn verify(frame: &[u8]) -> Result<(), String> {
         Err(format!("L4 checksum (proto {proto})"))
     }
 }
+
+/// An ICMP (IPv4) or ICMPv6 error `from` -> `to` of type `ty`, code `code`, with the 4 bytes
+/// after the checksum set to `rest`, quoting `quote`; checksum computed here (ICMPv6 over its
+/// pseudo header). MACs: node -> client, like an answer sent back out.
+pub fn icmp_error(from: &str, to: &str, ty: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Pkt {
+    let mut body = vec![ty, code, 0, 0];
+    body.extend(rest);
+    body.extend(quote);
+    let src: IpAddr = from.parse().unwrap();
+    let dst: IpAddr = to.parse().unwrap();
+    let (proto, c) = if src.is_ipv4() {
+        (1, checksum(&body))
+    } else {
+        (58, finish(pseudo(src, dst, 58, body.len()) + sum(&body)))
+    };
+    body[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut p = Pkt::new(from, to, L4::Raw { proto, bytes: body });
+    p.src_mac = NODE_MAC;
+    p.dst_mac = CLIENT_MAC;
+    p
+}
