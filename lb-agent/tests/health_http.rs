@@ -253,7 +253,7 @@ fn metrics_use_kube_proxys_names_and_a_valid_exposition() {
     health
         .metrics
         .set_counter_source(Box::new(FakeCounters(vec![
-            5, 0, 2, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 9, 0,
+            5, 0, 2, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 9, 0,
         ])));
     health.changes().queued();
     let two_s_ago = SystemTime::now() - Duration::from_secs(2);
@@ -324,11 +324,15 @@ fn metrics_use_kube_proxys_names_and_a_valid_exposition() {
     );
     assert_eq!(v["kplb_datapath_events_total{event=\"xdp_drop\"}"], 4.0);
     assert_eq!(
-        v["kplb_datapath_events_total{event=\"counter_14\"}"], 9.0,
+        v["kplb_datapath_events_total{event=\"xdp_ttl_exceeded\"}"],
+        3.0
+    );
+    assert_eq!(
+        v["kplb_datapath_events_total{event=\"counter_20\"}"], 9.0,
         "unnamed index"
     );
     assert!(
-        !r.body.contains("counter_15"),
+        !r.body.contains("counter_21"),
         "unnamed zero counters are left out"
     );
 }
