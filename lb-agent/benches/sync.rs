@@ -3,19 +3,20 @@
 //! ```text
 //! cargo bench -p lb-agent --bench sync -- [--quick] [--configs N:K[,N:K...]] [--out FILE]
 //! ```
-//! Each configuration N:K is N services and K changes (default 1000:1000,10000:10; quick
-//! 1000:50): a change costs a few ms at 1k services but seconds at 10k, where the desired
-//! state is recomputed for every service.
-//! The library pipeline the agent runs on every change — `objects::inventory` +
-//! `model::desired_state` + `sync::Reconciler::apply` — against the real maps
-//! (`BpfDatapath::load`, pinned under a private `/sys/fs/bpf/kplb-bench-sync-<pid>` that is
-//! removed at the end) for N ClusterIP services of 10 endpoints each:
+//! Each configuration N:K is N services and K changes (default 1000:1000,10000:1000; quick
+//! 1000:200).
+//! The library pipeline the agent runs — the changed objects into `view::ClusterView`, the
+//! affected services' desired state recomputed, `sync::Reconciler::apply` on the keys that
+//! touched — against the real maps (`BpfDatapath::load`, pinned under a private
+//! `/sys/fs/bpf/kplb-bench-sync-<pid>` that is removed at the end) for N ClusterIP services of
+//! 10 endpoints each:
 //!
-//! 1. a full sync from empty maps, split into its phases, with every map operation the
-//!    reconciler issues timed by kind (a wrapper around the real datapath);
+//! 1. a full sync from empty maps, split into its phases (every object validated into the
+//!    view, every service's desired state, apply), with every map operation the reconciler
+//!    issues timed by kind (a wrapper around the real datapath);
 //! 2. K single EndpointSlice changes (one service alternates between 10 and 9 endpoints, so
-//!    each change rebuilds one Maglev table and rewrites one frontend), each timed as the
-//!    agent would do it: inventory over all objects, desired state, apply.
+//!    each change writes one Maglev table and rewrites one frontend), each timed as the agent
+//!    does it: the slice into the view, its service's desired state, apply.
 //!
 //! Prints a JSON document (and writes it to `--out`).
 
@@ -29,9 +30,10 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
     datapath::{BpfDatapath, DatapathError, LoadOptions},
-    model::{self, NodeConfig},
-    objects, standalone,
-    sync::{Datapath, Reconciler},
+    model::NodeConfig,
+    standalone,
+    sync::{Datapath, Reconciler, Scope, TableLoc},
+    view::ClusterView,
 };
 use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal};
 use serde_json::{Value, json};
@@ -41,11 +43,8 @@ const SEED: u64 = 0x6b70_6c62;
 
 struct Args {
     quick: bool,
-    /// (services, changes, prefill): with `prefill` the first sync goes through a no-op
-    /// datapath (the reconciler believes everything is written) and only the changes touch the
-    /// real maps, which skips ~10 ms of kernel RCU wait per table of the initial sync (measured
-    /// by the configurations without it, and end to end by the lab bench).
-    configs: Vec<(usize, usize, bool)>,
+    /// (services, changes).
+    configs: Vec<(usize, usize)>,
     out: Option<PathBuf>,
 }
 
@@ -59,17 +58,16 @@ fn args() -> Args {
             .cloned()
     };
     let default = if quick {
-        "1000:50"
+        "1000:200"
     } else {
-        "1000:1000,10000:20:prefill"
+        "1000:1000,10000:1000"
     };
     let configs = value("--configs")
         .unwrap_or_else(|| default.to_owned())
         .split(',')
         .filter_map(|c| {
             let mut it = c.split(':');
-            let (n, k) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?);
-            Some((n, k, it.next() == Some("prefill")))
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
         })
         .collect();
     Args {
@@ -136,20 +134,24 @@ impl Datapath for Timed<'_> {
     fn set_backend(&mut self, id: u32, b: &Backend) -> Result<(), DatapathError> {
         self.time("set_backend", |d| d.set_backend(id, b))
     }
+    fn set_backends(&mut self, b: &[(u32, Backend)]) -> Vec<Result<(), DatapathError>> {
+        self.time("set_backends", |d| d.set_backends(b))
+    }
     fn del_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         self.time("del_backend", |d| d.del_backend(id))
     }
-    fn set_table(&mut self, id: u32, t: &[MaglevSlot]) -> Result<(), DatapathError> {
-        self.time("set_table", |d| d.set_table(id, t))
+
+    fn write_table(&mut self, t: &[MaglevSlot]) -> Result<TableLoc, DatapathError> {
+        self.time("write_table", |d| d.write_table(t))
     }
-    fn del_table(&mut self, id: u32) -> Result<(), DatapathError> {
-        self.time("del_table", |d| d.del_table(id))
+    fn write_tables(&mut self, t: &[&[MaglevSlot]]) -> Vec<Result<TableLoc, DatapathError>> {
+        self.time("write_tables", |d| d.write_tables(t))
     }
-    fn set_tables(&mut self, t: &[(u32, Vec<MaglevSlot>)]) -> Vec<Result<(), DatapathError>> {
-        self.time("set_tables", |d| d.set_tables(t))
+    fn rewrite_table(&mut self, loc: TableLoc, t: &[MaglevSlot]) -> Result<(), DatapathError> {
+        self.time("rewrite_table", |d| d.rewrite_table(loc, t))
     }
-    fn del_tables(&mut self, ids: &[u32]) -> Vec<Result<(), DatapathError>> {
-        self.time("del_tables", |d| d.del_tables(ids))
+    fn retire_table(&mut self, loc: TableLoc) {
+        self.time("retire_table", |d| d.retire_table(loc))
     }
     fn set_frontend(&mut self, k: &SvcKey, v: &SvcVal) -> Result<(), DatapathError> {
         self.time("set_frontend", |d| d.set_frontend(k, v))
@@ -167,9 +169,6 @@ impl Datapath for Timed<'_> {
         self.time("set_src_range", |d| {
             d.set_src_range(group, net, prefix, present)
         })
-    }
-    fn purge_affinity(&mut self, group: u32, keep: &[u32]) -> Result<(), DatapathError> {
-        self.time("purge_affinity", |d| d.purge_affinity(group, keep))
     }
     fn purge_affinity_groups(&mut self, purges: &[(u32, Vec<u32>)]) -> Result<(), DatapathError> {
         self.time("purge_affinity", |d| d.purge_affinity_groups(purges))
@@ -231,9 +230,9 @@ fn main() {
         }
     }
     let mut results = Vec::new();
-    for &(n, changes, prefill) in &a.configs {
-        eprintln!("sync bench: {n} services, {changes} changes, prefill {prefill}");
-        results.push(run_config(n, changes, prefill));
+    for &(n, changes) in &a.configs {
+        eprintln!("sync bench: {n} services, {changes} changes");
+        results.push(run_config(n, changes));
     }
     let result = json!({"quick": a.quick, "configs": results});
     println!("{result}");
@@ -246,32 +245,7 @@ fn main() {
     }
 }
 
-/// Accepts every operation and does nothing: the initial population of a `prefill` run.
-struct NoOp;
-
-impl Datapath for NoOp {
-    type Error = std::io::Error;
-    fn set_backend(&mut self, _: u32, _: &Backend) -> Result<(), Self::Error> {
-        Ok(())
-    }
-    fn del_backend(&mut self, _: u32) -> Result<(), Self::Error> {
-        Ok(())
-    }
-    fn set_table(&mut self, _: u32, _: &[MaglevSlot]) -> Result<(), Self::Error> {
-        Ok(())
-    }
-    fn del_table(&mut self, _: u32) -> Result<(), Self::Error> {
-        Ok(())
-    }
-    fn set_frontend(&mut self, _: &SvcKey, _: &SvcVal) -> Result<(), Self::Error> {
-        Ok(())
-    }
-    fn del_frontend(&mut self, _: &SvcKey) -> Result<(), Self::Error> {
-        Ok(())
-    }
-}
-
-fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
+fn run_config(n: usize, changes: usize) -> Value {
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/kplb-bench-sync-{}",
         std::process::id()
@@ -282,7 +256,7 @@ fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
         service_doc(i, ENDPOINTS, &mut text);
     }
     let t = Instant::now();
-    let (services, mut slices) = parse(&text);
+    let (services, slices) = parse(&text);
     let parse_s = t.elapsed().as_secs_f64();
     let variants: Vec<EndpointSlice> = [ENDPOINTS - 1, ENDPOINTS]
         .iter()
@@ -292,10 +266,7 @@ fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
             parse(&one).1.remove(0)
         })
         .collect();
-    let slot = slices
-        .iter()
-        .position(|s| s.metadata.name.as_deref() == Some(&format!("svc-{measured}-1")))
-        .expect("the measured slice");
+    let slice_key = ("default".to_string(), format!("svc-{measured}-1"));
 
     let mut dp = BpfDatapath::load(&pins.0, LoadOptions::default()).expect("loading the datapath");
     let node = NodeConfig {
@@ -303,26 +274,27 @@ fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
         ..NodeConfig::default()
     };
     let mut rec = Reconciler::new(SEED);
+    let mut view = ClusterView::default();
     let mut errors = Vec::new();
 
     // 1. Full sync from empty maps.
     let t0 = Instant::now();
-    let inv = objects::inventory(services.iter(), slices.iter(), &mut |_| {});
+    view.resync(services.iter(), slices.iter(), &mut |_| {});
+    view.set_node(&node);
     let t1 = Instant::now();
-    let desired = model::desired_state(&inv, &node, &mut |_| {});
+    view.recompute(&mut |_| {});
     let t2 = Instant::now();
     let mut timed = Timed {
         inner: &mut dp,
         ops: BTreeMap::new(),
     };
-    let stats = if prefill {
-        rec.apply(&desired, &mut NoOp, &mut |e| errors.push(e))
-    } else {
-        rec.apply(&desired, &mut timed, &mut |e| errors.push(e))
-    };
+    let stats = rec.apply(view.desired(), Scope::All, &mut timed, &mut |e| {
+        errors.push(e)
+    });
     let t3 = Instant::now();
+    let full_ops = ops_json(&timed.ops);
+    let (slabs, slots, used) = dp.table_usage();
     let full = json!({
-        "prefill_noop_datapath": prefill,
         "inventory_ms": (t1 - t0).as_secs_f64() * 1e3,
         "desired_ms": (t2 - t1).as_secs_f64() * 1e3,
         "apply_ms": (t3 - t2).as_secs_f64() * 1e3,
@@ -331,7 +303,10 @@ fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
         "tables": stats.groups,
         "backends": stats.backends,
         "errors": stats.errors,
-        "ops": ops_json(&timed.ops),
+        "table_slabs": slabs,
+        "table_slots": slots,
+        "table_slots_used": used,
+        "ops": full_ops,
     });
     eprintln!("sync bench: full sync of {n} services: {full}");
 
@@ -341,17 +316,21 @@ fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
     let mut change_ops = BTreeMap::new();
     let mut writes = 0usize;
     for c in 0..changes {
-        slices[slot] = variants[c % 2].clone();
         let t0 = Instant::now();
-        let inv = objects::inventory(services.iter(), slices.iter(), &mut |_| {});
+        view.set_slice(&slice_key, Some(&variants[c % 2]), &mut |_| {});
         let t1 = Instant::now();
-        let desired = model::desired_state(&inv, &node, &mut |_| {});
+        let touched = view.recompute(&mut |_| {});
         let t2 = Instant::now();
         let mut timed = Timed {
             inner: &mut dp,
             ops: std::mem::take(&mut change_ops),
         };
-        let st = rec.apply(&desired, &mut timed, &mut |e| errors.push(e));
+        let st = rec.apply(
+            view.desired(),
+            Scope::Touched(&touched),
+            &mut timed,
+            &mut |e| errors.push(e),
+        );
         let t3 = Instant::now();
         change_ops = timed.ops;
         writes += st.writes;

@@ -7,9 +7,36 @@
 //! of a batch (for the network programming latency histogram).
 
 use std::{
+    collections::BTreeSet,
     sync::{Condvar, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime},
 };
+
+use crate::objects::ObjKey;
+
+/// What a batch of changes touched, so a sync re-reads only those objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Anything may have changed (the first sync, a relist): re-read everything.
+    pub all: bool,
+    /// Node objects changed (zone, deletion, addresses).
+    pub nodes: bool,
+    pub services: BTreeSet<ObjKey>,
+    pub slices: BTreeSet<ObjKey>,
+}
+
+impl Changed {
+    pub fn is_empty(&self) -> bool {
+        !self.all && !self.nodes && self.services.is_empty() && self.slices.is_empty()
+    }
+
+    fn merge(&mut self, other: Changed) {
+        self.all |= other.all;
+        self.nodes |= other.nodes;
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -17,6 +44,8 @@ struct State {
     pending_since: Option<Instant>,
     /// Trigger times of changes not yet taken.
     pending_triggers: Vec<SystemTime>,
+    /// What the changes not yet taken touched.
+    pending_changed: Changed,
     /// Arrival of the oldest change taken by a sync that has not finished yet.
     in_flight_since: Option<Instant>,
     /// Wall-clock time of the most recent change (a metric).
@@ -29,6 +58,8 @@ struct State {
 pub struct Batch {
     /// `endpoints.kubernetes.io/last-change-trigger-time` of the EndpointSlice changes taken.
     pub triggers: Vec<SystemTime>,
+    /// What they touched.
+    pub changed: Changed,
 }
 
 /// Shared between the sources, the sync loop and the health server.
@@ -44,21 +75,42 @@ impl ChangeQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records that something changed.
+    /// Records that anything may have changed (everything is re-read).
     pub fn queued(&self) {
-        self.queued_at(Instant::now(), None);
+        self.queued_at(
+            Instant::now(),
+            None,
+            Changed {
+                all: true,
+                ..Changed::default()
+            },
+        );
     }
 
     /// Records a change whose cause happened at `trigger` (an EndpointSlice's
     /// last-change-trigger-time): the sync that applies it observes the latency.
     pub fn queued_with_trigger(&self, trigger: SystemTime) {
-        self.queued_at(Instant::now(), Some(trigger));
+        self.queued_at(
+            Instant::now(),
+            Some(trigger),
+            Changed {
+                all: true,
+                ..Changed::default()
+            },
+        );
     }
 
-    fn queued_at(&self, now: Instant, trigger: Option<SystemTime>) {
+    /// Records that the objects in `changed` changed; `trigger` as in
+    /// [`ChangeQueue::queued_with_trigger`].
+    pub fn queued_objects(&self, changed: Changed, trigger: Option<SystemTime>) {
+        self.queued_at(Instant::now(), trigger, changed);
+    }
+
+    fn queued_at(&self, now: Instant, trigger: Option<SystemTime>, changed: Changed) {
         let mut st = self.lock();
         st.pending_since.get_or_insert(now);
         st.pending_triggers.extend(trigger);
+        st.pending_changed.merge(changed);
         st.last_queued = Some(SystemTime::now());
         drop(st);
         self.arrived.notify_all();
@@ -80,6 +132,7 @@ impl ChangeQueue {
         st.in_flight_since = Some(st.in_flight_since.map_or(since, |t| t.min(since)));
         Some(Batch {
             triggers: std::mem::take(&mut st.pending_triggers),
+            changed: std::mem::take(&mut st.pending_changed),
         })
     }
 
@@ -141,8 +194,8 @@ mod tests {
     fn a_burst_is_taken_once_its_first_change_is_coalesce_old() {
         let q = ChangeQueue::default();
         let t0 = Instant::now();
-        q.queued_at(t0, None);
-        q.queued_at(t0 + 5 * MS, None);
+        q.queued_at(t0, None, Changed::default());
+        q.queued_at(t0 + 5 * MS, None, Changed::default());
         assert!(
             q.take_at(t0 + 9 * MS, 10 * MS).is_none(),
             "window still open"
@@ -161,9 +214,9 @@ mod tests {
     fn a_change_during_a_sync_stays_pending_after_it() {
         let q = ChangeQueue::default();
         let t0 = Instant::now();
-        q.queued_at(t0, None);
+        q.queued_at(t0, None, Changed::default());
         let batch = q.take_at(t0, Duration::ZERO).unwrap();
-        q.queued_at(t0 + 3 * MS, None);
+        q.queued_at(t0 + 3 * MS, None, Changed::default());
         assert_eq!(q.oldest_unapplied(), Some(t0));
         let _ = q.applied(batch);
         assert_eq!(q.oldest_unapplied(), Some(t0 + 3 * MS));
@@ -182,6 +235,40 @@ mod tests {
         let next = q.take(Duration::ZERO).unwrap();
         assert_eq!(q.applied(next), vec![t + Duration::from_secs(1)]);
         assert!(q.last_queued().is_some());
+    }
+
+    #[test]
+    fn a_batch_carries_what_its_changes_touched() {
+        let q = ChangeQueue::default();
+        let key = |n: &str| ("default".to_string(), n.to_string());
+        q.queued_objects(
+            Changed {
+                services: [key("a")].into(),
+                ..Changed::default()
+            },
+            None,
+        );
+        q.queued_objects(
+            Changed {
+                slices: [key("a-1")].into(),
+                nodes: true,
+                ..Changed::default()
+            },
+            None,
+        );
+        let batch = q.take(Duration::ZERO).unwrap();
+        assert_eq!(
+            batch.changed,
+            Changed {
+                all: false,
+                nodes: true,
+                services: [key("a")].into(),
+                slices: [key("a-1")].into(),
+            }
+        );
+        let _ = q.applied(batch);
+        q.queued();
+        assert!(q.take(Duration::ZERO).unwrap().changed.all);
     }
 
     #[test]

@@ -111,9 +111,18 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 60)]
     pub maglev_prev_window: u64,
 
-    /// How often the manifest directory is checked for changes, in milliseconds.
+    /// How often, in milliseconds, the agent wakes up without being told of a change: to check
+    /// the manifest directory (changes there are normally noticed at once through inotify), and
+    /// for housekeeping (conntrack GC, previous-owner windows, reuse of table space).
     #[arg(long, default_value_t = 100)]
     pub poll_interval_ms: u64,
+
+    /// Minimum time between two syncs, like kube-proxy's --min-sync-period: changes arriving
+    /// sooner are applied together. 0 applies every change as soon as it arrives (a sync costs
+    /// in proportion to what changed, not to the size of the cluster). A number with a unit:
+    /// 0s, 100ms, 1s.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
 
     /// How traffic to remote backends leaves this node: `snat` (source becomes this node's IP;
     /// replies come back here), or `dsr` (IPv4: the packet keeps the client's source and is

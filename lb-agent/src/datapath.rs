@@ -9,14 +9,15 @@
 use std::{
     fs,
     net::IpAddr,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, HashOfMaps, IterableMap as _, LpmTrie, Map, MapData, MapError,
+        Array, ArrayOfMaps, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError,
         lpm_trie::Key as LpmKey,
     },
     programs::{
@@ -33,9 +34,10 @@ use lb_common::{
 };
 use tracing::{debug, info};
 
-use crate::sync::{self, Existing};
+use crate::sync::{self, Existing, TableLoc};
 
 mod batch;
+mod tables;
 
 /// The programs object, built by build.rs from lb-ebpf.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -143,9 +145,9 @@ pub struct BpfDatapath {
     _ebpf: Ebpf,
     services: HashMap<MapData, SvcKey, SvcVal>,
     backends: HashMap<MapData, u32, Backend>,
-    maglev: HashOfMaps<MapData, u32, Array<MapData, MaglevSlot>>,
-    /// `maglev`'s fd, for the batch syscalls aya does not wrap.
-    maglev_fd: OwnedFd,
+    /// `backends`' fd, for the batch syscall aya does not wrap.
+    backends_fd: OwnedFd,
+    tables: tables::Slabs,
     ct: HashMap<MapData, CtKey, CtVal>,
     config: Array<MapData, Config>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
@@ -187,23 +189,41 @@ impl BpfDatapath {
         }
         loader.map_max_entries(maps::CT, opts.conntrack_max.max(1));
         let mut ebpf = loader.load(PROGRAMS)?;
-        let maglev = ebpf
+        let outer = ebpf
             .take_map(maps::MAGLEV)
             .ok_or(DatapathError::MissingMap(maps::MAGLEV))?;
-        let maglev_fd = match &maglev {
-            Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
+        let outer_fd = match &outer {
+            Map::ArrayOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
             _ => Err(std::io::Error::from(std::io::ErrorKind::InvalidInput)),
         }
         .map_err(io(format!("map {}", maps::MAGLEV)))?;
-        let maglev = HashOfMaps::try_from(maglev).map_err(|source| DatapathError::Map {
+        let outer = ArrayOfMaps::try_from(outer).map_err(|source| DatapathError::Map {
             name: maps::MAGLEV,
             source,
         })?;
+        let services: HashMap<MapData, SvcKey, SvcVal> = take(&mut ebpf, maps::SERVICES)?;
+        let backends: HashMap<MapData, u32, Backend> = take(&mut ebpf, maps::BACKENDS)?;
+        let backends_fd = backends
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(io(format!("map {}", maps::BACKENDS)))?;
+        let mut tables = tables::Slabs::open(outer, outer_fd)?;
+        // Tables a previous agent's frontends still read stay where they are.
+        for (_, v) in services.iter().filter_map(Result::ok) {
+            if v.backend_count > 0 && v.table_size > 0 {
+                tables.claim(TableLoc {
+                    loc: v.table_loc,
+                    size: v.table_size,
+                });
+            }
+        }
         Ok(Self {
-            services: take(&mut ebpf, maps::SERVICES)?,
-            backends: take(&mut ebpf, maps::BACKENDS)?,
-            maglev,
-            maglev_fd,
+            services,
+            backends,
+            backends_fd,
+            tables,
             ct: take(&mut ebpf, maps::CT)?,
             config: take(&mut ebpf, maps::CONFIG)?,
             src_ranges: take(&mut ebpf, maps::SRC_RANGES)?,
@@ -446,33 +466,23 @@ impl BpfDatapath {
         Existing {
             backends: self.backends.iter().filter_map(Result::ok).collect(),
             frontends: self.services.iter().filter_map(Result::ok).collect(),
-            groups: self.maglev.keys().filter_map(Result::ok).collect(),
         }
     }
 
-    /// The table of group `id` as the programs see it (`None`: no table).
-    pub fn table(&self, id: u32) -> Result<Option<Vec<MaglevSlot>>, DatapathError> {
-        let inner = match self.maglev.get(&id, 0) {
-            Ok(inner) => inner,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                return Ok(None);
-            }
-            Err(source) => {
-                return Err(DatapathError::Map {
-                    name: maps::MAGLEV,
-                    source,
-                });
-            }
-        };
-        (0..inner.len())
-            .map(|i| inner.get(&i, 0))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-            .map_err(|source| DatapathError::Map {
-                name: maps::MAGLEV,
-                source,
-            })
+    /// The table at `loc` as the programs see it.
+    pub fn table_at(&mut self, loc: TableLoc) -> Result<Vec<MaglevSlot>, DatapathError> {
+        self.tables.read(loc)
+    }
+
+    /// Returns table space retired a while ago to the free lists (after an RCU grace period).
+    /// For idle moments: it blocks for the grace period.
+    pub fn reclaim_idle(&mut self, now: Instant) -> Result<(), DatapathError> {
+        self.tables.reclaim_idle(now)
+    }
+
+    /// Maglev storage: (slabs, slots in them, slots in use or waiting for reuse).
+    pub fn table_usage(&self) -> (usize, u64, u64) {
+        self.tables.usage()
     }
 }
 
@@ -565,62 +575,62 @@ impl sync::Datapath for BpfDatapath {
             })
     }
 
+    /// One syscall for all of them (a full sync writes ~100k at 10k services).
+    fn set_backends(&mut self, backends: &[(u32, Backend)]) -> Vec<Result<(), DatapathError>> {
+        let ids: Vec<u32> = backends.iter().map(|(id, _)| *id).collect();
+        let values: Vec<Backend> = backends.iter().map(|(_, b)| *b).collect();
+        batch::update(self.backends_fd.as_fd(), &ids, &values)
+            .into_iter()
+            .zip(backends)
+            .map(|(r, (id, b))| match r {
+                Ok(()) => Ok(()),
+                Err(batch::Failed::Unsupported) => self.set_backend(*id, b),
+                Err(batch::Failed::Os(e)) => Err(io(format!("map {} update", maps::BACKENDS))(e)),
+            })
+            .collect()
+    }
+
     fn del_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         ignore_missing(self.backends.remove(&id), maps::BACKENDS)
     }
 
-    fn set_table(&mut self, id: u32, table: &[MaglevSlot]) -> Result<(), DatapathError> {
-        // One update swaps the whole table: readers see the old or the new one.
-        let inner = new_table(table)?;
-        self.set_inner(id, &inner)
+    fn write_table(&mut self, table: &[MaglevSlot]) -> Result<TableLoc, DatapathError> {
+        self.write_tables(&[table]).remove(0)
     }
 
-    /// Every outer-map write makes the kernel wait for an RCU grace period (~10 ms) so that
-    /// no program still uses the old table when the call returns; one batch waits once.
-    fn set_tables(&mut self, tables: &[(u32, Vec<MaglevSlot>)]) -> Vec<Result<(), DatapathError>> {
-        let mut results: Vec<Result<(), DatapathError>> = Vec::with_capacity(tables.len());
-        let mut staged = Vec::new(); // (index into results, key, inner map)
-        for (i, (id, table)) in tables.iter().enumerate() {
-            match new_table(table) {
-                Ok(inner) => {
-                    staged.push((i, *id, inner));
-                    results.push(Ok(()));
-                }
-                Err(e) => results.push(Err(e)),
-            }
+    /// Space for all of them is added at once (one grace period for any new slabs), and each
+    /// slab is mapped once for the lot.
+    fn write_tables(&mut self, tables: &[&[MaglevSlot]]) -> Vec<Result<TableLoc, DatapathError>> {
+        let size = |t: &[MaglevSlot]| u32::try_from(t.len()).unwrap_or(u32::MAX);
+        let sizes: Vec<u32> = tables.iter().map(|t| size(t)).collect();
+        if let Err(e) = self.tables.reserve(&sizes) {
+            debug!("reserving Maglev table space: {e}"); // each allocation below tries again
         }
-        let keys: Vec<u32> = staged.iter().map(|(_, id, _)| *id).collect();
-        let fds: Vec<u32> = staged
+        let mut out: Vec<Result<TableLoc, DatapathError>> =
+            sizes.iter().map(|&s| self.tables.alloc(s)).collect();
+        let items: Vec<(TableLoc, &[MaglevSlot])> = out
             .iter()
-            .map(|(_, _, inner)| inner.map().fd().as_fd().as_raw_fd() as u32)
+            .zip(tables)
+            .filter_map(|(r, t)| r.as_ref().ok().map(|loc| (*loc, *t)))
             .collect();
-        let outcome = batch::update(self.maglev_fd.as_fd(), &keys, &fds);
-        for ((i, id, inner), r) in staged.iter().zip(outcome) {
-            if let Err(e) = r {
-                results[*i] = match e {
-                    batch::Failed::Unsupported => self.set_inner(*id, inner),
-                    batch::Failed::Os(e) => Err(io(format!("map {} update", maps::MAGLEV))(e)),
-                };
+        let written = self.tables.write_many(&items);
+        let mut written = written.into_iter();
+        for r in &mut out {
+            let Ok(loc) = r else { continue };
+            if let Some(Err(e)) = written.next() {
+                self.tables.retire(*loc);
+                *r = Err(e);
             }
         }
-        results
+        out
     }
 
-    fn del_table(&mut self, id: u32) -> Result<(), DatapathError> {
-        ignore_missing(self.maglev.remove(&id), maps::MAGLEV)
+    fn rewrite_table(&mut self, loc: TableLoc, table: &[MaglevSlot]) -> Result<(), DatapathError> {
+        self.tables.write(loc, table)
     }
 
-    fn del_tables(&mut self, ids: &[u32]) -> Vec<Result<(), DatapathError>> {
-        batch::delete(self.maglev_fd.as_fd(), ids)
-            .into_iter()
-            .zip(ids)
-            .map(|(r, id)| match r {
-                Ok(()) => Ok(()),
-                Err(batch::Failed::Unsupported) => self.del_table(*id),
-                Err(batch::Failed::Os(e)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                Err(batch::Failed::Os(e)) => Err(io(format!("map {} delete", maps::MAGLEV))(e)),
-            })
-            .collect()
+    fn retire_table(&mut self, loc: TableLoc) {
+        self.tables.retire(loc);
     }
 
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), DatapathError> {
@@ -644,10 +654,6 @@ impl sync::Datapath for BpfDatapath {
 
     fn del_frontend(&mut self, key: &SvcKey) -> Result<(), DatapathError> {
         ignore_missing(self.services.remove(key), maps::SERVICES)
-    }
-
-    fn purge_affinity(&mut self, group: u32, keep: &[u32]) -> Result<(), DatapathError> {
-        self.purge_affinity_groups(&[(group, keep.to_vec())])
     }
 
     /// One pass over the affinity map (bounded by its capacity) for all groups; entries that
@@ -676,63 +682,12 @@ impl sync::Datapath for BpfDatapath {
     }
 }
 
-impl BpfDatapath {
-    fn set_inner(
-        &mut self,
-        id: u32,
-        inner: &Array<MapData, MaglevSlot>,
-    ) -> Result<(), DatapathError> {
-        self.maglev
-            .insert(id, inner, 0)
-            .map_err(|source| DatapathError::Map {
-                name: maps::MAGLEV,
-                source,
-            })
-    }
-}
-
 fn ignore_missing(r: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(source) => Err(DatapathError::Map { name, source }),
     }
-}
-
-/// A new, unreachable inner table filled through a shared mapping (one copy, not one syscall
-/// per slot).
-fn new_table(table: &[MaglevSlot]) -> Result<Array<MapData, MaglevSlot>, DatapathError> {
-    let len = u32::try_from(table.len()).map_err(|_| DatapathError::Io {
-        what: "table too large".into(),
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-    })?;
-    let inner =
-        Array::<MapData, MaglevSlot>::create(len, maps::MAGLEV_TABLE_FLAGS).map_err(|source| {
-            DatapathError::Map {
-                name: maps::MAGLEV,
-                source,
-            }
-        })?;
-    let bytes = std::mem::size_of_val(table);
-    let fd = inner.map().fd().as_fd().as_raw_fd();
-    // SAFETY: mapping `bytes` (<= the array's mmapable size: elements are exactly 8 bytes) of a
-    // freshly created BPF_F_MMAPABLE array that nothing else references yet.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return Err(io("mmap of a maglev table")(std::io::Error::last_os_error()));
-        }
-        std::ptr::copy_nonoverlapping(table.as_ptr().cast::<u8>(), p.cast::<u8>(), bytes);
-        libc::munmap(p, bytes);
-    }
-    Ok(inner)
 }
 
 /// `lb-agent cleanup`: removes every pin (detaching the programs) and the directory.

@@ -80,7 +80,6 @@ impl Health {
         m.sync_errors.fetch_add(stats.errors as u64, r);
         m.frontends.store(stats.frontends as u64, r);
         m.backends.store(stats.backends as u64, r);
-        m.tables.store(stats.groups as u64, r);
         m.sync_duration.observe(took.as_secs_f64());
         for t in triggers {
             // A trigger time in the future (clock skew) counts as zero.

@@ -22,7 +22,7 @@ use kube::{
     Api, Client, Resource, ResourceExt as _,
     runtime::{
         WatchStreamExt as _, reflector,
-        reflector::Store,
+        reflector::{ObjectRef, Store},
         utils::Backoff,
         watcher::{self, DefaultBackoff, Event},
     },
@@ -32,8 +32,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::{
-    changes::{Batch, ChangeQueue},
-    objects::{self, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, NodeInfo},
+    changes::{Batch, ChangeQueue, Changed},
+    objects::{self, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, NodeInfo, ObjKey},
+    view::ClusterView,
 };
 
 /// Set by the EndpointSlice controller to when the change behind a slice update happened
@@ -135,10 +136,16 @@ impl KubeSource {
             watcher::Config::default().labels(&selector),
             &opts,
             &mut tasks,
-            move |e| {
-                if !matches!(e, Event::Init | Event::InitApply(_)) {
-                    queue.queued();
-                }
+            move |e| match e {
+                Event::Init | Event::InitApply(_) => {}
+                Event::InitDone => queue.queued(),
+                Event::Apply(s) | Event::Delete(s) => queue.queued_objects(
+                    Changed {
+                        services: [key(s)].into(),
+                        ..Changed::default()
+                    },
+                    None,
+                ),
             },
         );
 
@@ -182,7 +189,13 @@ impl KubeSource {
                 if last.as_ref() != Some(&now) {
                     debug!(node = ?now, "node changed");
                     last = Some(now);
-                    queue.queued();
+                    queue.queued_objects(
+                        Changed {
+                            nodes: true,
+                            ..Changed::default()
+                        },
+                        None,
+                    );
                 }
             },
         );
@@ -222,6 +235,40 @@ impl KubeSource {
 
     pub fn slices(&self) -> Vec<Arc<EndpointSlice>> {
         self.slices.state()
+    }
+
+    /// Brings `view` up to date with the objects `changed` names (everything after a relist).
+    pub fn update_view(
+        &self,
+        view: &mut ClusterView,
+        changed: &Changed,
+        warn: &mut dyn FnMut(String),
+    ) {
+        if changed.all {
+            let (services, slices) = (self.services(), self.slices());
+            view.resync(
+                services.iter().map(|s| &**s),
+                slices.iter().map(|s| &**s),
+                warn,
+            );
+            return;
+        }
+        for k in &changed.services {
+            view.set_service(k, self.service(k).as_deref(), warn);
+        }
+        for k in &changed.slices {
+            view.set_slice(k, self.slice(k).as_deref(), warn);
+        }
+    }
+
+    /// The Service `key` as the store has it now (`None`: deleted).
+    pub fn service(&self, key: &ObjKey) -> Option<Arc<Service>> {
+        self.services.get(&ObjectRef::new(&key.1).within(&key.0))
+    }
+
+    /// The EndpointSlice `key` as the store has it now (`None`: deleted).
+    pub fn slice(&self, key: &ObjKey) -> Option<Arc<EndpointSlice>> {
+        self.slices.get(&ObjectRef::new(&key.1).within(&key.0))
     }
 
     /// This node's object, if it exists (absent: being deleted or not yet registered).
@@ -276,8 +323,8 @@ impl Drop for KubeSource {
 /// store, not before.
 struct TriggerTimes {
     started: SystemTime,
-    last: HashMap<(String, String), SystemTime>,
-    relisted: HashSet<(String, String)>,
+    last: HashMap<ObjKey, SystemTime>,
+    relisted: HashSet<ObjKey>,
     relist_triggers: Vec<SystemTime>,
 }
 
@@ -311,13 +358,13 @@ impl TriggerTimes {
                     queue.queued_with_trigger(t);
                 }
             }
-            Event::Apply(s) => match self.fresh(s) {
-                Some(t) => queue.queued_with_trigger(t),
-                None => queue.queued(),
-            },
+            Event::Apply(s) => {
+                let trigger = self.fresh(s);
+                queue.queued_objects(one_slice(s), trigger);
+            }
             Event::Delete(s) => {
                 self.last.remove(&key(s));
-                queue.queued();
+                queue.queued_objects(one_slice(s), None);
             }
         }
     }
@@ -329,8 +376,22 @@ impl TriggerTimes {
     }
 }
 
-fn key(s: &EndpointSlice) -> (String, String) {
-    (s.namespace().unwrap_or_default(), s.name_any())
+/// An object's key as [`crate::objects::object_key`] makes it (the API always sets both).
+fn key<K: Resource>(o: &K) -> ObjKey {
+    (
+        o.meta()
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string()),
+        o.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+fn one_slice(s: &EndpointSlice) -> Changed {
+    Changed {
+        slices: [key(s)].into(),
+        ..Changed::default()
+    }
 }
 
 /// The slice's `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339), if valid.

@@ -14,3 +14,4 @@ pub mod standalone;
 pub mod stats;
 pub mod sync;
 pub mod topology;
+pub mod view;

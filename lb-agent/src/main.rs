@@ -1,7 +1,7 @@
 //! `lb-agent`: process start-up, signals and the sync loop.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::IpAddr,
     process::ExitCode,
     sync::{
@@ -13,19 +13,19 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
-    changes::{Batch, ChangeQueue},
+    changes::{Batch, ChangeQueue, Changed},
     cli::{Cli, Command, LbMode, RunArgs},
     datapath::{self, BpfDatapath},
     health::{self, Health},
     healthcheck::HealthChecks,
     k8s::KubeSource,
-    model::{self, NodeConfig},
+    model::NodeConfig,
     mountns, node, objects,
-    standalone::ManifestDir,
+    standalone::{DirWatch, ManifestDir},
     stats::{DatapathStats, ServiceStats},
-    sync::Reconciler,
+    sync::{Reconciler, Scope},
+    view::ClusterView,
 };
 use tracing::{debug, error, info, warn};
 
@@ -68,29 +68,45 @@ fn install_signal_handlers() {
 
 /// Where Services and EndpointSlices come from.
 enum Source {
-    Dir(ManifestDir),
+    Dir {
+        dir: ManifestDir,
+        /// `None` where inotify is unavailable (the timed poll remains).
+        watch: Option<DirWatch>,
+    },
     Kube(KubeSource),
 }
 
 impl Source {
     /// The changes to sync, if any (reports file problems on the way).
-    fn changed(&mut self, coalesce: Duration, changes: &ChangeQueue) -> Option<Batch> {
-        match self {
-            Self::Dir(dir) => {
-                let mut problems = Vec::new();
-                let changed = dir.poll(&mut problems).unwrap_or_else(|e| {
-                    warn!("reading manifests: {e}");
-                    false
-                });
-                for p in &problems {
-                    warn!("{p}");
-                }
-                if changed {
-                    changes.queued();
-                }
-                changes.take(Duration::ZERO)
+    fn changed(&mut self, changes: &ChangeQueue) -> Option<Batch> {
+        if let Self::Dir { dir, .. } = self {
+            let mut problems = Vec::new();
+            let changed = dir.poll(&mut problems).unwrap_or_else(|e| {
+                warn!("reading manifests in {}: {e}", dir.dir().display());
+                Changed::default()
+            });
+            for p in &problems {
+                warn!("{p}");
             }
-            Self::Kube(kube) => kube.take_change(coalesce),
+            if !changed.is_empty() {
+                changes.queued_objects(changed, None);
+            }
+        }
+        changes.take(Duration::ZERO)
+    }
+
+    /// Waits until a change may be pending or `timeout` passes.
+    fn wait(&self, changes: &ChangeQueue, timeout: Duration) {
+        match self {
+            Self::Dir {
+                watch: Some(watch), ..
+            } => {
+                watch.wait(timeout);
+            }
+            Self::Dir { watch: None, .. } => sleep_unless_stopped(timeout),
+            Self::Kube(_) => {
+                changes.wait_pending(Instant::now() + timeout);
+            }
         }
     }
 
@@ -98,7 +114,7 @@ impl Source {
     /// standalone agent has no zone and is eligible; in a cluster a missing Node is not.
     fn node_status(&self, node_name: &str) -> (Option<String>, bool) {
         let info = match self {
-            Self::Dir(dir) => match dir.node(node_name).map(objects::node) {
+            Self::Dir { dir, .. } => match dir.node(node_name).map(objects::node) {
                 Some(Ok(info)) => Some(info),
                 _ => return (None, true),
             },
@@ -110,7 +126,7 @@ impl Source {
     /// Addresses of every Node the source knows, by name (for backends' node IPs).
     fn node_addresses(&self) -> BTreeMap<String, Vec<IpAddr>> {
         let infos: Vec<objects::NodeInfo> = match self {
-            Self::Dir(dir) => dir.nodes().filter_map(|n| objects::node(n).ok()).collect(),
+            Self::Dir { dir, .. } => dir.nodes().filter_map(|n| objects::node(n).ok()).collect(),
             // Every Node with --lb-mode dsr, else only this one (no other node IPs needed).
             Self::Kube(kube) => kube.node_infos(),
         };
@@ -121,13 +137,11 @@ impl Source {
             .collect()
     }
 
-    fn snapshot(&self) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
+    /// Brings `view` up to date with what `changed` names (everything after a relist).
+    fn update(&self, view: &mut ClusterView, changed: &Changed, warn: &mut dyn FnMut(String)) {
         match self {
-            Self::Dir(dir) => (
-                dir.shared_services().cloned().collect(),
-                dir.shared_slices().cloned().collect(),
-            ),
-            Self::Kube(kube) => (kube.services(), kube.slices()),
+            Self::Dir { dir, .. } => dir.update_view(view, changed, warn),
+            Self::Kube(kube) => kube.update_view(view, changed, warn),
         }
     }
 }
@@ -152,7 +166,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut source = match &args.manifests {
         Some(dir) if !dir.is_dir() => bail!("--manifests {}: not a directory", dir.display()),
-        Some(dir) => Source::Dir(ManifestDir::new(dir)),
+        Some(dir) => Source::Dir {
+            dir: ManifestDir::new(dir),
+            watch: DirWatch::new(dir)
+                .inspect_err(|e| {
+                    warn!(
+                        "watching {} (changes are noticed every --poll-interval-ms): {e}",
+                        dir.display()
+                    );
+                })
+                .ok(),
+        },
         None => Source::Kube(
             KubeSource::start(
                 &args.node_name,
@@ -229,36 +253,42 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         nodeport_ips,
         node_addresses: BTreeMap::new(),
     };
+    let mut view = ClusterView::default();
     let mut health_checks = HealthChecks::default();
     let mut next_gc = Instant::now() + CT_GC_INTERVAL;
     let interval = Duration::from_millis(args.poll_interval_ms);
-    let mut logged = BTreeSet::new();
+    let mut last_sync: Option<Instant> = None;
     changes.queued(); // the first full sync
     while !STOP.load(Ordering::SeqCst) {
-        if let Some(batch) = source.changed(interval, &changes) {
-            let (zone, eligible) = source.node_status(&args.node_name);
-            node.zone = zone;
-            node.node_addresses = source.node_addresses();
-            health.set_node_eligible(eligible);
-            let (services, slices) = source.snapshot();
-            let inputs = Inputs {
-                services: &services,
-                slices: &slices,
-            };
-            let hcs = sync_once(
-                &inputs,
+        let ready = last_sync.is_none_or(|t| t.elapsed() >= args.min_sync_period);
+        let batch = if ready {
+            source.changed(&changes)
+        } else {
+            None
+        };
+        if let Some(batch) = batch {
+            if batch.changed.all || batch.changed.nodes {
+                let (zone, eligible) = source.node_status(&args.node_name);
+                node.zone = zone;
+                node.node_addresses = source.node_addresses();
+                health.set_node_eligible(eligible);
+            }
+            let first = last_sync.is_none();
+            sync_once(
+                &source,
                 &node,
+                &mut view,
                 &mut reconciler,
                 &mut dp,
                 &health,
-                &mut logged,
                 batch,
+                first,
             );
-            health_checks.update(&hcs);
-            health
-                .metrics
-                .set_service_labels(service_labels(&reconciler));
+            health_checks.update(&view.desired().health_checks);
+            last_sync = Some(Instant::now());
+            continue; // more may have arrived meanwhile
         }
+        // Housekeeping when there is nothing to sync.
         if Instant::now() >= next_gc {
             let start = Instant::now();
             let (scanned, deleted) = dp.ct_gc(monotonic_ns());
@@ -277,7 +307,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 "previous-owner window ended; tables rewritten"
             );
         }
-        sleep_unless_stopped(interval);
+        if let Err(e) = dp.reclaim_idle(Instant::now()) {
+            warn!("reclaiming Maglev table space: {e}");
+        }
+        let wait = match last_sync {
+            Some(t) if !ready => args.min_sync_period.saturating_sub(t.elapsed()),
+            _ => interval,
+        };
+        source.wait(&changes, wait.min(interval));
     }
     if let Source::Kube(kube) = source {
         kube.shutdown();
@@ -289,48 +326,50 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Inputs<'a> {
-    services: &'a [Arc<Service>],
-    slices: &'a [Arc<EndpointSlice>],
-}
-
+/// Applies one batch of changes: the changed objects into the view, the services they affect
+/// recomputed, the difference written to the maps.
+#[allow(clippy::too_many_arguments)]
 fn sync_once(
-    inputs: &Inputs<'_>,
+    source: &Source,
     node: &NodeConfig,
+    view: &mut ClusterView,
     reconciler: &mut Reconciler,
     dp: &mut BpfDatapath,
     health: &Health,
-    logged: &mut BTreeSet<String>,
     batch: Batch,
-) -> std::collections::BTreeMap<u16, model::HealthCheck> {
-    let first = !health.has_synced();
+    first: bool,
+) {
     let start = Instant::now();
-    let mut warnings = BTreeSet::new();
-    let inv = objects::inventory(
-        inputs.services.iter().map(|s| &**s),
-        inputs.slices.iter().map(|s| &**s),
-        &mut |w| {
-            warnings.insert(w);
-        },
-    );
-    let desired = model::desired_state(&inv, node, &mut |w| {
-        warnings.insert(w);
-    });
-    // Log each problem once, not again on every unrelated change.
-    for w in warnings.difference(logged) {
-        warn!("{w}");
-    }
-    *logged = warnings;
-    let stats = reconciler.apply(&desired, dp, &mut |e| error!("sync: {e}"));
+    let mut warn_once = |w: String| warn!("{w}");
+    source.update(view, &batch.changed, &mut warn_once);
+    view.set_node(node);
+    let touched = view.recompute(&mut warn_once);
+    // The first sync also removes whatever a previous agent left that is no longer wanted.
+    let scope = if first {
+        Scope::All
+    } else {
+        Scope::Touched(&touched)
+    };
+    let stats = reconciler.apply(view.desired(), scope, dp, &mut |e| error!("sync: {e}"));
     let took = start.elapsed();
     let triggers = health.changes().applied(batch);
     health.record_sync(&stats, took, &triggers);
+    let (slabs, slots, used) = dp.table_usage();
+    health.metrics.set_table_usage(used, slots);
+    if stats.groups_changed || first {
+        health
+            .metrics
+            .set_service_labels(service_labels(reconciler));
+    }
     if first {
         info!(
-            services = inv.services.len(),
+            services = view.service_count(),
             frontends = stats.frontends,
             backends = stats.backends,
             tables = stats.groups,
+            table_slabs = slabs,
+            table_slots_used = used,
+            table_slots = slots,
             errors = stats.errors,
             took_ms = took.as_secs_f64() * 1e3,
             "synced"
@@ -343,7 +382,6 @@ fn sync_once(
             "applied changes"
         );
     }
-    desired.health_checks
 }
 
 /// Prometheus labels for every programmed group.

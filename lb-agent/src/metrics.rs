@@ -184,7 +184,9 @@ pub struct Metrics {
     pub sync_errors: AtomicU64,
     pub frontends: AtomicU64,
     pub backends: AtomicU64,
-    pub tables: AtomicU64,
+    /// Maglev table slots in use (or waiting for reuse), and in all slabs.
+    table_slots_used: AtomicU64,
+    table_slots: AtomicU64,
     healthz: [AtomicU64; 2],
     livez: [AtomicU64; 2],
     datapath: Mutex<Option<Box<dyn CounterSource>>>,
@@ -212,7 +214,8 @@ impl Default for Metrics {
             sync_errors: AtomicU64::new(0),
             frontends: AtomicU64::new(0),
             backends: AtomicU64::new(0),
-            tables: AtomicU64::new(0),
+            table_slots_used: AtomicU64::new(0),
+            table_slots: AtomicU64::new(0),
             healthz: Default::default(),
             livez: Default::default(),
             datapath: Mutex::new(None),
@@ -270,6 +273,12 @@ impl Metrics {
     }
 
     /// The labels of the groups programmed now (after each sync).
+    /// Maglev table slots in use (or waiting for reuse) and in all slabs.
+    pub fn set_table_usage(&self, used: u64, total: u64) {
+        self.table_slots_used.store(used, Ordering::Relaxed);
+        self.table_slots.store(total, Ordering::Relaxed);
+    }
+
     pub fn set_service_labels(&self, labels: ServiceLabels) {
         *self
             .service_labels
@@ -385,10 +394,23 @@ impl Metrics {
             "Map operations that failed.",
             g(&self.sync_errors),
         );
+        // KPLB_MAGLEV counts slots: its slabs grow on demand, so capacity is what they hold now.
         let occupancy = [
-            (maps::SERVICES, g(&self.frontends), maps::MAX_SERVICES),
-            (maps::BACKENDS, g(&self.backends), maps::MAX_BACKENDS),
-            (maps::MAGLEV, g(&self.tables), maps::MAX_GROUPS),
+            (
+                maps::SERVICES,
+                g(&self.frontends),
+                u64::from(maps::MAX_SERVICES),
+            ),
+            (
+                maps::BACKENDS,
+                g(&self.backends),
+                u64::from(maps::MAX_BACKENDS),
+            ),
+            (
+                maps::MAGLEV,
+                g(&self.table_slots_used),
+                g(&self.table_slots),
+            ),
         ];
         let entries: Vec<_> = occupancy
             .iter()
@@ -402,7 +424,7 @@ impl Metrics {
         );
         let capacity: Vec<_> = occupancy
             .iter()
-            .map(|(map, _, max)| (vec![("map", *map)], f64::from(*max)))
+            .map(|(map, _, max)| (vec![("map", *map)], *max as f64))
             .collect();
         e.family(
             "kplb_map_capacity",

@@ -1,10 +1,13 @@
 //! The desired datapath state as a pure function of the valid objects and this node's identity.
 //!
-//! Nothing here touches the kernel: `desired_state` is deterministic (BTreeMaps, sorted backend
-//! lists) so equal inputs give equal outputs, and the sync layer can diff two results.
+//! Nothing here touches the kernel. Each service's part is computed on its own
+//! ([`service_desired`]) and merged into one [`Desired`] by [`DesiredState`], which can also
+//! replace one service's part without recomputing the others; [`desired_state`] is the whole
+//! computation at once. Everything is deterministic (BTreeMaps, sorted backend lists) so equal
+//! inputs give equal outputs, and the sync layer can diff two results.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -23,10 +26,11 @@ use crate::{
 };
 
 /// What the desired state depends on besides the objects.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
     pub node_name: String,
-    /// Global Maglev table size (`--maglev-table-size`).
+    /// Maglev table size of groups with external frontends (`--maglev-table-size`), and the
+    /// largest size chosen for the others.
     pub maglev_table_size: u32,
     /// This node's `topology.kubernetes.io/zone`, for topology-aware endpoint selection.
     pub zone: Option<String>,
@@ -51,6 +55,8 @@ impl Default for NodeConfig {
 }
 
 /// A set of backends sharing one Maglev table: one service port seen with one traffic policy.
+/// Its id in the maps stays the same while the service exists, even when its table is replaced
+/// by one of another size.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupKey {
     pub service: ServiceName,
@@ -61,8 +67,6 @@ pub struct GroupKey {
     pub ipv6: bool,
     /// Only this node's endpoints (a `Local` traffic policy).
     pub local_only: bool,
-    /// Part of the identity: a table never changes size under one group id.
-    pub table_size: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -86,6 +90,10 @@ impl BackendSpec {
 pub struct Group {
     /// Sorted, unique.
     pub backends: Vec<BackendSpec>,
+    /// Maglev table size (a supported prime larger than the backend count).
+    pub table_size: u32,
+    /// The service has sessionAffinity: ClientIP (clients may be pinned to its backends).
+    pub affinity: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +134,176 @@ impl Desired {
     }
 }
 
+/// One service's part of the desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceDesired {
+    pub frontends: BTreeMap<SvcKey, Frontend>,
+    pub groups: BTreeMap<GroupKey, Group>,
+    pub src_ranges: BTreeMap<GroupKey, BTreeSet<(IpAddr, u8)>>,
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// The keys a sync has to look at: everything one or more services' parts had or have now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub frontends: BTreeSet<SvcKey>,
+    pub groups: BTreeSet<GroupKey>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// The keys of a service's part (what to take out when it changes).
+#[derive(Debug, Default)]
+struct PartKeys {
+    frontends: Vec<SvcKey>,
+    groups: Vec<GroupKey>,
+    health_checks: Vec<u16>,
+}
+
+/// [`Desired`] as the merge of every service's part, kept up to date one service at a time.
+///
+/// Frontend keys and healthCheckNodePorts can be claimed by several services (two Services
+/// listing the same external IP and port, or sharing a LoadBalancer IP's "other ports" marker):
+/// the claimant with the greatest name wins, whatever order the parts arrived in, and the
+/// others' values are kept so the next one takes over when the winner goes.
+#[derive(Debug, Default)]
+pub struct DesiredState {
+    desired: Desired,
+    parts: HashMap<ServiceName, PartKeys>,
+    /// Every claimant's value of each frontend key claimed more than once.
+    shared_frontends: HashMap<SvcKey, BTreeMap<ServiceName, Frontend>>,
+    /// Every claimant's value of each healthCheckNodePort claimed more than once.
+    shared_health_checks: HashMap<u16, BTreeMap<ServiceName, HealthCheck>>,
+}
+
+impl DesiredState {
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn into_desired(self) -> Desired {
+        self.desired
+    }
+
+    /// Replaces service `name`'s part (`None`: the service is gone). Adds the keys it had or
+    /// has to `touched`.
+    pub fn set(&mut self, name: &ServiceName, part: Option<ServiceDesired>, touched: &mut Touched) {
+        if let Some(old) = self.parts.remove(name) {
+            for k in old.frontends {
+                self.unclaim_frontend(&k, name);
+                touched.frontends.insert(k);
+            }
+            for g in old.groups {
+                self.desired.groups.remove(&g);
+                self.desired.src_ranges.remove(&g);
+                touched.groups.insert(g);
+            }
+            for p in old.health_checks {
+                unclaim(
+                    &mut self.desired.health_checks,
+                    &mut self.shared_health_checks,
+                    p,
+                    name,
+                );
+            }
+        }
+        let Some(part) = part else { return };
+        let keys = PartKeys {
+            frontends: part.frontends.keys().copied().collect(),
+            groups: part.groups.keys().cloned().collect(),
+            health_checks: part.health_checks.keys().copied().collect(),
+        };
+        for (k, fe) in part.frontends {
+            touched.frontends.insert(k);
+            claim(
+                &mut self.desired.frontends,
+                &mut self.shared_frontends,
+                k,
+                name,
+                fe,
+                |f| &f.group.service,
+            );
+        }
+        for (g, group) in part.groups {
+            touched.groups.insert(g.clone());
+            self.desired.groups.insert(g, group);
+        }
+        self.desired.src_ranges.extend(part.src_ranges);
+        for (p, hc) in part.health_checks {
+            claim(
+                &mut self.desired.health_checks,
+                &mut self.shared_health_checks,
+                p,
+                name,
+                hc,
+                |h| &h.service,
+            );
+        }
+        self.parts.insert(name.clone(), keys);
+    }
+
+    fn unclaim_frontend(&mut self, k: &SvcKey, name: &ServiceName) {
+        unclaim(
+            &mut self.desired.frontends,
+            &mut self.shared_frontends,
+            *k,
+            name,
+        );
+    }
+}
+
+/// Adds `name`'s claim on `key` with `value`; the greatest claimant's value is the merged one.
+fn claim<K: Copy + Ord + std::hash::Hash, V: Clone>(
+    merged: &mut BTreeMap<K, V>,
+    shared: &mut HashMap<K, BTreeMap<ServiceName, V>>,
+    key: K,
+    name: &ServiceName,
+    value: V,
+    owner: impl Fn(&V) -> &ServiceName,
+) {
+    match merged.get(&key) {
+        Some(cur) if owner(cur) != name => {
+            let claims = shared
+                .entry(key)
+                .or_insert_with(|| BTreeMap::from([(owner(cur).clone(), cur.clone())]));
+            claims.insert(name.clone(), value);
+            if let Some((_, winner)) = claims.last_key_value() {
+                merged.insert(key, winner.clone());
+            }
+        }
+        _ => {
+            merged.insert(key, value);
+        }
+    }
+}
+
+/// Drops `name`'s claim on `key`; the greatest remaining claimant (if any) takes over.
+fn unclaim<K: Copy + Ord + std::hash::Hash, V: Clone>(
+    merged: &mut BTreeMap<K, V>,
+    shared: &mut HashMap<K, BTreeMap<ServiceName, V>>,
+    key: K,
+    name: &ServiceName,
+) {
+    match shared.get_mut(&key) {
+        Some(claims) => {
+            claims.remove(name);
+            if let Some((_, winner)) = claims.last_key_value() {
+                merged.insert(key, winner.clone());
+            }
+            if claims.len() <= 1 {
+                shared.remove(&key);
+            }
+        }
+        None => {
+            merged.remove(&key);
+        }
+    }
+}
+
 /// Endpoints of one service port after kube-proxy's categorisation.
 struct PortEndpoints {
     all: Vec<BackendSpec>,
@@ -134,61 +312,96 @@ struct PortEndpoints {
     local_ready: usize,
 }
 
-/// Builds the desired state. Problems that only affect one service (an unusable table size)
-/// are reported through `warn` and resolved safely.
+/// Builds the desired state of every valid object at once. Problems that only affect one
+/// service (an unusable table size) are reported through `warn` and resolved safely.
 pub fn desired_state(inv: &Inventory, node: &NodeConfig, warn: &mut dyn FnMut(String)) -> Desired {
-    let mut out = Desired::default();
     // Each service's slices, found once (not by scanning every slice per service port).
     let mut slices: BTreeMap<&ServiceName, Vec<&SliceInfo>> = BTreeMap::new();
     for s in inv.slices.values() {
         slices.entry(&s.service).or_default().push(s);
     }
+    let mut state = DesiredState::default();
+    let mut touched = Touched::default();
     for svc in inv.services.values() {
         let svc_slices = slices.get(&svc.id).map_or(&[][..], Vec::as_slice);
-        for (port, ipv6) in svc.ports.iter().flat_map(|p| [(p, false), (p, true)]) {
-            if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ipv6) {
-                continue;
-            }
-            let eps = port_endpoints(svc_slices, svc, port, ipv6, node);
-            let internal = match svc.internal_policy {
-                TrafficPolicy::Cluster => &eps.all,
-                TrafficPolicy::Local => &eps.local,
-            };
-            let local_only = svc.internal_policy == TrafficPolicy::Local;
-            let group = add_group(&mut out, svc, port, ipv6, local_only, internal, node, warn);
-            let flags = if svc.session_affinity {
-                SVC_F_AFFINITY
-            } else {
-                0
-            };
-            for ip in svc.cluster_ips.iter().filter(|c| c.is_ipv6() == ipv6) {
-                // Internal scope only: like Cilium's default (unlike kube-proxy), a ClusterIP is
-                // not served to packets arriving on --interfaces; with --service-cidr they are
-                // dropped there.
-                put(
-                    &mut out,
-                    *ip,
-                    port.port,
-                    port,
-                    SCOPE_INTERNAL,
-                    frontend(&group, flags, svc),
-                );
-            }
-            external_frontends(&mut out, svc, port, ipv6, &eps, node, flags, warn);
+        let part = service_desired(svc, svc_slices, node, warn);
+        state.set(&svc.id, Some(part), &mut touched);
+    }
+    state.into_desired()
+}
+
+/// One service's frontends, groups, source ranges and health checks. `slices` are the
+/// service's EndpointSlices in (namespace, name) order.
+pub fn service_desired(
+    svc: &ServiceInfo,
+    slices: &[&SliceInfo],
+    node: &NodeConfig,
+    warn: &mut dyn FnMut(String),
+) -> ServiceDesired {
+    let mut out = ServiceDesired::default();
+    for (port, ipv6) in svc.ports.iter().flat_map(|p| [(p, false), (p, true)]) {
+        if !svc.cluster_ips.iter().any(|c| c.is_ipv6() == ipv6) {
+            continue;
         }
+        let eps = port_endpoints(slices, svc, port, ipv6, node);
+        let external = ExternalIps::of(svc, port, ipv6, node);
+        let internal = match svc.internal_policy {
+            TrafficPolicy::Cluster => &eps.all,
+            TrafficPolicy::Local => &eps.local,
+        };
+        let local_only = svc.internal_policy == TrafficPolicy::Local;
+        // This group is also the one XDP reads when the port has external frontends with the
+        // same locality (eTP Cluster for the cluster-wide group, eTP Local for the local one);
+        // then every node must build its table alike.
+        let ext_local = svc.external_policy == TrafficPolicy::Local;
+        let reached_from_outside = !external.is_empty() && ext_local == local_only;
+        let group = add_group(
+            &mut out,
+            svc,
+            port,
+            ipv6,
+            local_only,
+            internal,
+            reached_from_outside,
+            node,
+            warn,
+        );
+        let flags = if svc.session_affinity {
+            SVC_F_AFFINITY
+        } else {
+            0
+        };
+        for ip in svc.cluster_ips.iter().filter(|c| c.is_ipv6() == ipv6) {
+            // Internal scope only: like Cilium's default (unlike kube-proxy), a ClusterIP is
+            // not served to packets arriving on --interfaces; with --service-cidr they are
+            // dropped there.
+            put(
+                &mut out,
+                *ip,
+                port.port,
+                port,
+                SCOPE_INTERNAL,
+                frontend(&group, flags, svc),
+            );
+        }
+        external_frontends(
+            &mut out, svc, port, ipv6, &eps, &external, node, flags, warn,
+        );
     }
     out
 }
 
 /// The group of one service port, family and endpoint selection (created on first use).
+/// `external`: its table is used by XDP, where every node must pick alike.
 #[allow(clippy::too_many_arguments)]
 fn add_group(
-    out: &mut Desired,
+    out: &mut ServiceDesired,
     svc: &ServiceInfo,
     port: &ServicePort,
     ipv6: bool,
     local_only: bool,
     backends: &[BackendSpec],
+    external: bool,
     node: &NodeConfig,
     warn: &mut dyn FnMut(String),
 ) -> GroupKey {
@@ -198,15 +411,16 @@ fn add_group(
         protocol: port.protocol,
         ipv6,
         local_only,
-        table_size: table_size(svc, backends.len(), node, warn),
     };
     out.groups.entry(key.clone()).or_insert_with(|| Group {
         backends: backends.to_vec(),
+        table_size: table_size(svc, backends.len(), external, node, warn),
+        affinity: svc.session_affinity,
     });
     key
 }
 
-fn put(out: &mut Desired, ip: IpAddr, p: u16, port: &ServicePort, scope: u8, fe: Frontend) {
+fn put(out: &mut ServiceDesired, ip: IpAddr, p: u16, port: &ServicePort, scope: u8, fe: Frontend) {
     let key = SvcKey {
         addr: addr::from_ip(ip),
         port: p.to_be(),
@@ -229,6 +443,31 @@ fn frontend(group: &GroupKey, flags: u32, svc: &ServiceInfo) -> Frontend {
     }
 }
 
+/// The addresses of one service port and family that traffic from outside reaches.
+struct ExternalIps {
+    nodeport: Vec<IpAddr>,
+    lb: Vec<IpAddr>,
+    ext: Vec<IpAddr>,
+}
+
+impl ExternalIps {
+    fn of(svc: &ServiceInfo, port: &ServicePort, ipv6: bool, node: &NodeConfig) -> Self {
+        let fits = |ip: &IpAddr| ip.is_ipv6() == ipv6;
+        Self {
+            nodeport: match port.node_port {
+                Some(_) => node.nodeport_ips.iter().copied().filter(fits).collect(),
+                None => Vec::new(),
+            },
+            lb: svc.lb_ips.iter().copied().filter(fits).collect(),
+            ext: svc.external_ips.iter().copied().filter(fits).collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.nodeport.is_empty() && self.lb.is_empty() && self.ext.is_empty()
+    }
+}
+
 /// NodePort, LoadBalancer and external IP frontends of one service port and family.
 ///
 /// External scope (XDP): `externalTrafficPolicy` picks all or only local endpoints; Local drops
@@ -236,37 +475,31 @@ fn frontend(group: &GroupKey, flags: u32, svc: &ServiceInfo) -> Frontend {
 /// endpoints, as kube-proxy short-circuits in-cluster traffic to these addresses.
 #[allow(clippy::too_many_arguments)]
 fn external_frontends(
-    out: &mut Desired,
+    out: &mut ServiceDesired,
     svc: &ServiceInfo,
     port: &ServicePort,
     ipv6: bool,
     eps: &PortEndpoints,
+    ips: &ExternalIps,
     node: &NodeConfig,
     flags: u32,
     warn: &mut dyn FnMut(String),
 ) {
-    let fits = |ip: &IpAddr| ip.is_ipv6() == ipv6;
-    let nodeport_ips: Vec<IpAddr> = match port.node_port {
-        Some(_) => node.nodeport_ips.iter().copied().filter(fits).collect(),
-        None => Vec::new(),
-    };
-    let lb_ips: Vec<IpAddr> = svc.lb_ips.iter().copied().filter(fits).collect();
-    let ext_ips: Vec<IpAddr> = svc.external_ips.iter().copied().filter(fits).collect();
-    if nodeport_ips.is_empty() && lb_ips.is_empty() && ext_ips.is_empty() {
+    if ips.is_empty() {
         return;
     }
-    let cluster = add_group(out, svc, port, ipv6, false, &eps.all, node, warn);
     let local = svc.external_policy == TrafficPolicy::Local;
+    let cluster = add_group(out, svc, port, ipv6, false, &eps.all, !local, node, warn);
     let (ext_group, ext_flags) = if local {
         (
-            add_group(out, svc, port, ipv6, true, &eps.local, node, warn),
+            add_group(out, svc, port, ipv6, true, &eps.local, true, node, warn),
             flags | SVC_F_EXT_LOCAL,
         )
     } else {
         (cluster.clone(), flags)
     };
     if let Some(np) = port.node_port {
-        for ip in &nodeport_ips {
+        for ip in &ips.nodeport {
             // The NodePort is not restricted by loadBalancerSourceRanges (as in kube-proxy).
             put(
                 out,
@@ -287,7 +520,7 @@ fn external_frontends(
         }
     }
     let ranged = svc.source_ranges.is_some();
-    for ip in &lb_ips {
+    for ip in &ips.lb {
         let f = if ranged {
             ext_flags | SVC_F_SRC_RANGES
         } else {
@@ -310,7 +543,7 @@ fn external_frontends(
             frontend(&cluster, flags, svc),
         );
     }
-    for ip in &ext_ips {
+    for ip in &ips.ext {
         put(
             out,
             *ip,
@@ -329,7 +562,7 @@ fn external_frontends(
         );
     }
     // Any other port on these addresses is rejected rather than routed on.
-    for ip in lb_ips.iter().chain(&ext_ips) {
+    for ip in ips.lb.iter().chain(&ips.ext) {
         let marker = SvcKey {
             addr: addr::from_ip(*ip),
             port: 0,
@@ -340,7 +573,7 @@ fn external_frontends(
             .insert(marker, frontend(&ext_group, SVC_F_FRONTEND_IP, svc));
     }
     if let Some(ranges) = &svc.source_ranges
-        && !lb_ips.is_empty()
+        && !ips.lb.is_empty()
     {
         out.src_ranges
             .entry(ext_group.clone())
@@ -358,11 +591,27 @@ fn external_frontends(
     }
 }
 
-/// The service's table size: its annotation if usable, else the global size; bumped to the
-/// smallest supported prime above the backend count when the service outgrows it (logged:
-/// a Maglev table needs more slots than backends).
-fn table_size(svc: &ServiceInfo, n: usize, node: &NodeConfig, warn: &mut dyn FnMut(String)) -> u32 {
-    let mut m = node.maglev_table_size;
+/// The table size of a group of `n` backends.
+///
+/// A group XDP reads (`external`) must be built alike on every node, so its size is the
+/// service's annotation or the global `--maglev-table-size`, whatever `n` is. A group only
+/// sockets on this node read picks once per connection and needs no cross-node agreement: it
+/// gets the smallest supported size with ~100 slots per backend (even balance), at most the
+/// global size, so thousands of small services do not cost 128 KiB of kernel memory each.
+/// Either way a table too small for its backends is bumped to the smallest size that fits
+/// (logged).
+fn table_size(
+    svc: &ServiceInfo,
+    n: usize,
+    external: bool,
+    node: &NodeConfig,
+    warn: &mut dyn FnMut(String),
+) -> u32 {
+    let mut m = if external {
+        node.maglev_table_size
+    } else {
+        maglev::recommended_min_size(n).min(node.maglev_table_size)
+    };
     if let Some(want) = svc.maglev_table_size {
         if maglev::is_supported_size(want) {
             m = want;

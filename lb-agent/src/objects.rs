@@ -602,29 +602,60 @@ pub fn inventory<'a>(
 ) -> Inventory {
     let mut inv = Inventory::default();
     for svc in services {
-        let label = object_label("Service", &svc.metadata);
-        let mut w = |m: String| warn(format!("{label}: {m}"));
-        match service(svc, &mut w) {
-            Ok(ServiceOutcome::Use(info)) => {
-                inv.services.insert(info.id.clone(), info);
-            }
-            Ok(ServiceOutcome::Ignore(_)) => {}
-            Err(e) => w(format!("invalid, skipped: {e}")),
+        if let Some(info) = service_info(svc, warn) {
+            inv.services.insert(info.id.clone(), info);
         }
     }
     for slice in slices {
-        let label = object_label("EndpointSlice", &slice.metadata);
-        let mut w = |m: String| warn(format!("{label}: {m}"));
-        match endpoint_slice(slice, &mut w) {
-            Ok(Some(info)) => {
-                inv.slices
-                    .insert((info.service.namespace.clone(), info.name.clone()), info);
-            }
-            Ok(None) => {}
-            Err(e) => w(format!("invalid, skipped: {e}")),
+        if let Some(info) = slice_info(slice, warn) {
+            inv.slices
+                .insert((info.service.namespace.clone(), info.name.clone()), info);
         }
     }
     inv
+}
+
+/// A Service to program, or `None` when it is invalid or not ours (problems reported through
+/// `warn`, prefixed with the object's kind and name).
+pub fn service_info(svc: &Service, warn: &mut dyn FnMut(String)) -> Option<ServiceInfo> {
+    let label = object_label("Service", &svc.metadata);
+    let mut w = |m: String| warn(format!("{label}: {m}"));
+    match service(svc, &mut w) {
+        Ok(ServiceOutcome::Use(info)) => Some(info),
+        Ok(ServiceOutcome::Ignore(_)) => None,
+        Err(e) => {
+            w(format!("invalid, skipped: {e}"));
+            None
+        }
+    }
+}
+
+/// An EndpointSlice to use, or `None` (see [`service_info`]).
+pub fn slice_info(slice: &EndpointSlice, warn: &mut dyn FnMut(String)) -> Option<SliceInfo> {
+    let label = object_label("EndpointSlice", &slice.metadata);
+    let mut w = |m: String| warn(format!("{label}: {m}"));
+    match endpoint_slice(slice, &mut w) {
+        Ok(info) => info,
+        Err(e) => {
+            w(format!("invalid, skipped: {e}"));
+            None
+        }
+    }
+}
+
+/// An object's (namespace, name) as the sources key it; the namespace defaults like the API.
+pub type ObjKey = (String, String);
+
+/// The key of an object with this metadata; `None` without a name.
+pub fn object_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<ObjKey> {
+    Some((
+        meta.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string()),
+        meta.name.clone()?,
+    ))
 }
 
 fn object_label(

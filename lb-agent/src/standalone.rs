@@ -1,23 +1,34 @@
 //! Standalone source: Service and EndpointSlice YAML files in a directory, re-read on change.
 //! Node documents are read too, so a lab can give its nodes zones (or mark one as deleting).
 //!
-//! Only changed files are re-parsed (by size, mtime and inode). A file that no longer parses
+//! Only changed files are re-parsed (by size, mtime and inode), and a poll reports which
+//! objects they define or defined, so a sync re-reads only those. A file that no longer parses
 //! keeps its last good content (an editor's half-written save must not delete services); the
 //! error is logged with the file name.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    Metadata,
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
+
+use crate::{
+    changes::Changed,
+    objects::{self, ObjKey},
+    view::ClusterView,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Signature {
@@ -39,8 +50,7 @@ struct FileState {
     objects: SharedObjects,
 }
 
-/// A file's objects behind `Arc`s: a sync takes them without copying, and an unchanged file
-/// keeps handing out the same allocations.
+/// A file's objects behind `Arc`s: the index and a sync share them without copying.
 #[derive(Debug, Default)]
 struct SharedObjects {
     services: Vec<Arc<Service>>,
@@ -58,11 +68,76 @@ impl From<FileObjects> for SharedObjects {
     }
 }
 
+/// Which files define each object. When several do, the last file in path order wins (and
+/// within a file the last document), as if the directory were read as one stream in order.
+#[derive(Debug)]
+struct ByKey<K> {
+    files: HashMap<ObjKey, BTreeMap<PathBuf, Arc<K>>>,
+}
+
+impl<K> Default for ByKey<K> {
+    fn default() -> Self {
+        Self {
+            files: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Metadata<Ty = ObjectMeta>> ByKey<K> {
+    fn get(&self, key: &ObjKey) -> Option<&Arc<K>> {
+        self.files.get(key).and_then(|f| f.values().next_back())
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<K>> {
+        self.files.values().filter_map(|f| f.values().next_back())
+    }
+
+    fn remove_file(&mut self, path: &Path, objs: &[Arc<K>], changed: &mut BTreeSet<ObjKey>) {
+        for key in objs
+            .iter()
+            .filter_map(|o| objects::object_key(o.metadata()))
+        {
+            if let Some(files) = self.files.get_mut(&key) {
+                files.remove(path);
+                if files.is_empty() {
+                    self.files.remove(&key);
+                }
+            }
+            changed.insert(key);
+        }
+    }
+
+    fn add_file(
+        &mut self,
+        path: &Path,
+        objs: &[Arc<K>],
+        changed: &mut BTreeSet<ObjKey>,
+        problems: &mut Vec<Problem>,
+    ) {
+        for o in objs {
+            let Some(key) = objects::object_key(o.metadata()) else {
+                problems.push(format!(
+                    "{}: an object without metadata.name; skipped",
+                    path.display()
+                ));
+                continue;
+            };
+            self.files
+                .entry(key.clone())
+                .or_default()
+                .insert(path.to_path_buf(), o.clone());
+            changed.insert(key);
+        }
+    }
+}
+
 /// The parsed contents of a manifest directory.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    services: ByKey<Service>,
+    slices: ByKey<EndpointSlice>,
 }
 
 /// A problem found while reading; the caller logs it.
@@ -73,13 +148,19 @@ impl ManifestDir {
         Self {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
+            services: ByKey::default(),
+            slices: ByKey::default(),
         }
     }
 
-    /// Re-reads changed, new and removed files. Returns whether anything changed.
-    pub fn poll(&mut self, problems: &mut Vec<Problem>) -> std::io::Result<bool> {
-        let mut seen = Vec::new();
-        let mut changed = false;
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads changed, new and removed files. Returns the objects they define or defined.
+    pub fn poll(&mut self, problems: &mut Vec<Problem>) -> std::io::Result<Changed> {
+        let mut seen = BTreeSet::new();
+        let mut changed = Changed::default();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
             if !is_manifest(&path) {
@@ -91,17 +172,13 @@ impl ManifestDir {
             if !meta.is_file() {
                 continue;
             }
-            seen.push(path.clone());
+            seen.insert(path.clone());
             let sig = signature(&meta);
             if self.files.get(&path).is_some_and(|f| f.sig == sig) {
                 continue;
             }
-            changed = true;
-            match read_file(&path, problems) {
-                Ok(objects) => {
-                    let objects = objects.into();
-                    self.files.insert(path, FileState { sig, objects });
-                }
+            let objects = match read_file(&path, problems) {
+                Ok(objects) => objects.into(),
                 Err(e) => {
                     let keep = if self.files.contains_key(&path) {
                         "keeping its last good content"
@@ -110,34 +187,100 @@ impl ManifestDir {
                     };
                     problems.push(format!("{}: {e}; {keep}", path.display()));
                     // Remember the signature so an unchanged broken file is not re-reported.
-                    let objects = self
-                        .files
-                        .remove(&path)
-                        .map(|f| f.objects)
-                        .unwrap_or_default();
-                    self.files.insert(path, FileState { sig, objects });
+                    if let Some(f) = self.files.get_mut(&path) {
+                        f.sig = sig;
+                    } else {
+                        self.files.insert(
+                            path,
+                            FileState {
+                                sig,
+                                objects: SharedObjects::default(),
+                            },
+                        );
+                    }
+                    continue;
                 }
-            }
+            };
+            self.replace_file(
+                &path,
+                Some(FileState { sig, objects }),
+                &mut changed,
+                problems,
+            );
         }
-        let before = self.files.len();
-        self.files.retain(|p, _| seen.contains(p));
-        Ok(changed || self.files.len() != before)
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.replace_file(&path, None, &mut changed, problems);
+        }
+        Ok(changed)
     }
 
+    fn replace_file(
+        &mut self,
+        path: &Path,
+        new: Option<FileState>,
+        changed: &mut Changed,
+        problems: &mut Vec<Problem>,
+    ) {
+        if let Some(old) = self.files.remove(path) {
+            self.services
+                .remove_file(path, &old.objects.services, &mut changed.services);
+            self.slices
+                .remove_file(path, &old.objects.slices, &mut changed.slices);
+            changed.nodes |= !old.objects.nodes.is_empty();
+        }
+        if let Some(new) = new {
+            self.services
+                .add_file(path, &new.objects.services, &mut changed.services, problems);
+            self.slices
+                .add_file(path, &new.objects.slices, &mut changed.slices, problems);
+            changed.nodes |= !new.objects.nodes.is_empty();
+            self.files.insert(path.to_path_buf(), new);
+        }
+    }
+
+    /// Brings `view` up to date with the objects `changed` names (everything with `all`).
+    pub fn update_view(
+        &self,
+        view: &mut ClusterView,
+        changed: &Changed,
+        warn: &mut dyn FnMut(String),
+    ) {
+        if changed.all {
+            view.resync(self.services(), self.slices(), warn);
+            return;
+        }
+        for k in &changed.services {
+            view.set_service(k, self.service(k), warn);
+        }
+        for k in &changed.slices {
+            view.set_slice(k, self.slice(k), warn);
+        }
+    }
+
+    /// Every Service (one per key).
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.shared_services().map(|s| &**s)
+        self.services.all().map(|s| &**s)
     }
 
+    /// Every EndpointSlice (one per key).
     pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.shared_slices().map(|s| &**s)
+        self.slices.all().map(|s| &**s)
     }
 
-    pub fn shared_services(&self) -> impl Iterator<Item = &Arc<Service>> {
-        self.files.values().flat_map(|f| f.objects.services.iter())
+    /// The Service `key`, if a file defines it.
+    pub fn service(&self, key: &ObjKey) -> Option<&Service> {
+        self.services.get(key).map(|s| &**s)
     }
 
-    pub fn shared_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
-        self.files.values().flat_map(|f| f.objects.slices.iter())
+    /// The EndpointSlice `key`, if a file defines it.
+    pub fn slice(&self, key: &ObjKey) -> Option<&EndpointSlice> {
+        self.slices.get(key).map(|s| &**s)
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
@@ -231,5 +374,63 @@ fn add_value(value: serde_yaml::Value, out: &mut FileObjects, problems: &mut Vec
         }
         // Null documents (a trailing `---`) and other kinds are not ours.
         _ => {}
+    }
+}
+
+/// Wakes the agent as soon as something in the manifest directory changes (inotify), so a
+/// change reaches the maps in milliseconds instead of at the next poll; the timed poll stays as
+/// the fallback (and is all there is where inotify is unavailable).
+#[derive(Debug)]
+pub struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl DirWatch {
+    pub fn new(dir: &Path) -> std::io::Result<Self> {
+        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        // SAFETY: plain syscall; the fd is owned below.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_MODIFY
+            | libc::IN_ATTRIB
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF;
+        // SAFETY: valid fd and NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// Waits until the directory changes or `timeout` passes (a signal ends the wait early).
+    /// Returns whether something changed; pending events are consumed.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            return false;
+        }
+        let mut buf = [0u8; 4096];
+        // Drain: a burst of events (an editor's save) is one wake-up.
+        // SAFETY: reading into a local buffer from a non-blocking fd.
+        while unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        true
     }
 }

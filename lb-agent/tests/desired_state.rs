@@ -6,7 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SvcKey, maglev::DEFAULT_TABLE_SIZE};
+use lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_INTERNAL, SvcKey,
+    maglev::{DEFAULT_TABLE_SIZE, recommended_min_size},
+};
 
 fn keys(run: &Run) -> BTreeSet<SvcKey> {
     run.desired.frontends.keys().copied().collect()
@@ -79,11 +82,20 @@ fn clusterip_services_from_fixture() {
         ])
     );
 
-    // Plain defaults: no affinity, cluster-wide, global table size; "local" follows nodeName.
+    // Plain defaults: no affinity, cluster-wide; "local" follows nodeName. Only sockets read
+    // these tables (no external frontends), so each is sized to its backends, not the global
+    // size.
     for (k, fe) in &run.desired.frontends {
         assert_eq!(fe.flags, 0, "{}", show_key(k));
         assert!(!fe.group.local_only);
-        assert_eq!(fe.group.table_size, DEFAULT_TABLE_SIZE);
+        let g = &run.desired.groups[&fe.group];
+        assert_eq!(
+            g.table_size,
+            recommended_min_size(g.backends.len()),
+            "{}",
+            show_key(k)
+        );
+        assert!(g.table_size < DEFAULT_TABLE_SIZE);
     }
     for b in all_backends(&run.desired) {
         assert_eq!(b.local, b.addr.to_string().starts_with("10.0.1."), "{b:?}");

@@ -285,42 +285,85 @@ fn session_affinity_client_ip_sets_the_flag() {
 // ---- Maglev table size ------------------------------------------------------------------------
 
 fn table_size(r: &Run) -> u32 {
-    r.frontend(&tcp(VIP, 80)).group.table_size
+    r.group(&tcp(VIP, 80)).table_size
+}
+
+/// `svc` with an external IP: its table is read by XDP, so every node must size it alike.
+fn external(s: Svc) -> Service {
+    let mut svc = s.build();
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.external_ips = Some(vec!["192.168.99.10".to_string()]);
+    }
+    svc
 }
 
 #[test]
 fn maglev_table_size_annotation() {
     let s = slice("svc-a").ready(&["10.0.1.1", "10.0.1.2"]).build();
-    let with = |v: &str| {
-        run(
-            &[svc().annotate(ANNOTATION_MAGLEV_SIZE, v).build()],
-            std::slice::from_ref(&s),
-        )
+    let with = |v: &str, ext: bool| {
+        let svc = svc().annotate(ANNOTATION_MAGLEV_SIZE, v);
+        let svc = if ext { external(svc) } else { svc.build() };
+        run(&[svc], std::slice::from_ref(&s))
     };
 
-    // A supported prime is used as it is.
-    let r = with("4093");
-    assert_eq!(table_size(&r), 4093);
-    assert!(r.warnings.is_empty(), "{:#?}", r.warnings);
-
-    // Anything else falls back to the global size, with a warning naming the service.
-    for bad in ["4096", "4091", "0", "1", "-7", "big", ""] {
-        let r = with(bad);
-        assert_eq!(table_size(&r), DEFAULT_TABLE_SIZE, "annotation {bad:?}");
-        assert_eq!(r.warnings.len(), 1, "annotation {bad:?}: {:#?}", r.warnings);
-        assert!(r.warnings[0].contains("svc"), "{:?}", r.warnings);
+    // A supported prime is used as it is, with external frontends or without.
+    for ext in [false, true] {
+        let r = with("4093", ext);
+        assert_eq!(table_size(&r), 4093);
+        assert!(r.warnings.is_empty(), "{:#?}", r.warnings);
     }
 
-    // No annotation: the global size, whatever it is.
-    let r = run_objects(
-        &[svc().build()],
-        &[s],
-        &lb_agent::model::NodeConfig {
-            maglev_table_size: 1021,
-            ..node(NODE)
-        },
-    );
+    // Anything else falls back to the default size, with a warning naming the service: the
+    // global size for a table XDP reads, ~100 slots per backend for one only sockets read.
+    for bad in ["4096", "4091", "0", "1", "-7", "big", ""] {
+        for (ext, want) in [(true, DEFAULT_TABLE_SIZE), (false, 251)] {
+            let r = with(bad, ext);
+            assert_eq!(table_size(&r), want, "annotation {bad:?}, external {ext}");
+            assert_eq!(r.warnings.len(), 1, "annotation {bad:?}: {:#?}", r.warnings);
+            assert!(r.warnings[0].contains("svc"), "{:?}", r.warnings);
+        }
+    }
+
+    // No annotation: with external frontends, the global size, whatever it is.
+    let small_global = lb_agent::model::NodeConfig {
+        maglev_table_size: 1021,
+        ..node(NODE)
+    };
+    let r = run_objects(&[external(svc())], std::slice::from_ref(&s), &small_global);
     assert_eq!(table_size(&r), 1021);
+    // Without: sized to the backends, never above the global size.
+    let r = run_objects(&[svc().build()], &[many(30)], &node(NODE));
+    assert_eq!(table_size(&r), 4093, "> 100 slots for each of 30 backends");
+    let r = run_objects(&[svc().build()], &[many(30)], &small_global);
+    assert_eq!(table_size(&r), 1021);
+}
+
+#[test]
+fn socket_only_tables_follow_the_backend_count_under_one_group() {
+    let sizes: Vec<(usize, u32)> = [1, 2, 3, 5, 10, 11, 40, 200]
+        .into_iter()
+        .map(|n| (n, table_size(&run(&[svc().build()], &[many(n)]))))
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            (1, 251),
+            (2, 251),
+            (3, 509),
+            (5, 509),
+            (10, 1021),
+            (11, 2039),
+            (40, 4093),
+            (200, 16381)
+        ]
+    );
+    // The group (and so its id, affinity pins and counters) is the same whatever the size.
+    let a = run(&[svc().build()], &[many(2)]);
+    let b = run(&[svc().build()], &[many(40)]);
+    assert_eq!(
+        a.frontend(&tcp(VIP, 80)).group,
+        b.frontend(&tcp(VIP, 80)).group
+    );
 }
 
 fn many(n: usize) -> EndpointSlice {

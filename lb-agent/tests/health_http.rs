@@ -74,6 +74,7 @@ fn synced(health: &Health, triggers: &[SystemTime]) {
         ..SyncStats::default()
     };
     health.record_sync(&stats, Duration::from_millis(3), triggers);
+    health.metrics.set_table_usage(1530, 65536);
 }
 
 fn is_rfc3339(s: &str) -> bool {
@@ -308,7 +309,9 @@ fn metrics_use_kube_proxys_names_and_a_valid_exposition() {
 
     assert_eq!(v["kplb_map_entries{map=\"KPLB_SVC\"}"], 3.0);
     assert_eq!(v["kplb_map_entries{map=\"KPLB_BACKENDS\"}"], 5.0);
-    assert_eq!(v["kplb_map_entries{map=\"KPLB_MAGLEV\"}"], 2.0);
+    // Maglev storage is counted in slots: in use, and in the slabs allocated so far.
+    assert_eq!(v["kplb_map_entries{map=\"KPLB_MAGLEV\"}"], 1530.0);
+    assert_eq!(v["kplb_map_capacity{map=\"KPLB_MAGLEV\"}"], 65536.0);
     assert_eq!(
         v["kplb_map_capacity{map=\"KPLB_BACKENDS\"}"],
         f64::from(lb_common::maps::MAX_BACKENDS)

@@ -1,7 +1,8 @@
 //! The Kubernetes source against a fake API server (kube-rs' mock service): lists, watch events,
-//! relists and errors flow through the real watchers and reflector stores into the pure
-//! pipeline (inventory -> desired state -> reconciler) and an in-memory datapath, and the test
-//! checks what ends up in the maps, and that no snapshot ever empties them on the way.
+//! relists and errors flow through the real watchers and reflector stores into the agent's
+//! pipeline (the changed objects into the cluster view -> the affected services' desired state
+//! -> the reconciler) and an in-memory datapath, and the test checks what ends up in the maps,
+//! and that no sync ever empties them on the way.
 
 mod common;
 mod fake_apiserver;
@@ -17,11 +18,12 @@ use common::{Ep, NODE, Slice, Svc, tcp};
 use fake_apiserver::{FakeApi, Kind};
 use k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
 use lb_agent::{
-    changes::ChangeQueue,
+    changes::{ChangeQueue, Changed},
     k8s::{ANNOTATION_TRIGGER_TIME, KubeSource, WatchOptions},
-    model::{self, NodeConfig},
+    model::NodeConfig,
     objects,
-    sync::{Datapath, Reconciler},
+    sync::{Datapath, Reconciler, Scope, TableLoc},
+    view::ClusterView,
 };
 use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal, addr};
 use serde_json::{Value, json};
@@ -36,7 +38,9 @@ const VIP_C: &str = "172.30.0.12";
 #[derive(Default)]
 struct Maps {
     backends: BTreeMap<u32, Backend>,
+    /// Tables by location; locations are handed out in order and never reused.
     tables: BTreeMap<u32, Vec<MaglevSlot>>,
+    next_loc: u32,
     frontends: BTreeMap<SvcKey, SvcVal>,
 }
 
@@ -47,7 +51,10 @@ impl Maps {
         if v.backend_count == 0 {
             return Some(Vec::new());
         }
-        let ids: BTreeSet<u32> = self.tables[&v.group_id].iter().map(|s| s.backend).collect();
+        let ids: BTreeSet<u32> = self.tables[&v.table_loc]
+            .iter()
+            .map(|s| s.backend)
+            .collect();
         let mut out: Vec<String> = ids
             .iter()
             .map(|id| {
@@ -70,13 +77,20 @@ impl Datapath for Maps {
         self.backends.remove(&id);
         Ok(())
     }
-    fn set_table(&mut self, id: u32, t: &[MaglevSlot]) -> Result<(), Infallible> {
-        self.tables.insert(id, t.to_vec());
+    fn write_table(&mut self, t: &[MaglevSlot]) -> Result<TableLoc, Infallible> {
+        self.next_loc += 1;
+        self.tables.insert(self.next_loc, t.to_vec());
+        Ok(TableLoc {
+            loc: self.next_loc,
+            size: t.len() as u32,
+        })
+    }
+    fn rewrite_table(&mut self, loc: TableLoc, t: &[MaglevSlot]) -> Result<(), Infallible> {
+        self.tables.insert(loc.loc, t.to_vec());
         Ok(())
     }
-    fn del_table(&mut self, id: u32) -> Result<(), Infallible> {
-        self.tables.remove(&id);
-        Ok(())
+    fn retire_table(&mut self, loc: TableLoc) {
+        self.tables.remove(&loc.loc);
     }
     fn set_frontend(&mut self, k: &SvcKey, v: &SvcVal) -> Result<(), Infallible> {
         self.frontends.insert(*k, *v);
@@ -93,7 +107,9 @@ impl Datapath for Maps {
 struct Agent {
     source: KubeSource,
     changes: Arc<ChangeQueue>,
+    view: ClusterView,
     reconciler: Reconciler,
+    synced: bool,
     maps: Maps,
     /// Frontends in the maps after each sync.
     history: Vec<usize>,
@@ -142,7 +158,9 @@ impl Agent {
         let mut agent = Self {
             source,
             changes,
+            view: ClusterView::default(),
             reconciler: Reconciler::new(0x6b70_6c62),
+            synced: false,
             maps: Maps::default(),
             history: Vec::new(),
             triggers: Vec::new(),
@@ -153,33 +171,47 @@ impl Agent {
         agent
     }
 
-    /// One pass of the agent's loop: takes the queued changes, if any, and applies a snapshot.
+    /// One pass of the agent's loop: takes the queued changes, if any, and applies them.
     fn sync(&mut self) -> bool {
         let Some(batch) = self.source.take_change(Duration::ZERO) else {
             return false;
         };
-        self.apply_snapshot();
+        self.apply(&batch.changed);
         self.triggers.extend(self.changes.applied(batch));
         true
     }
 
     /// Applies whatever the stores hold now, queued change or not.
     fn apply_snapshot(&mut self) {
+        self.apply(&Changed {
+            all: true,
+            ..Changed::default()
+        });
+    }
+
+    /// What the agent does with a batch: the objects it names into the view, the services
+    /// they affect recomputed, only those keys synced (all of them the first time).
+    fn apply(&mut self, changed: &Changed) {
         let node = NodeConfig {
             node_name: NODE.to_string(),
             zone: self.source.node_info().and_then(|n| n.zone),
             ..NodeConfig::default()
         };
-        let (services, slices) = (self.source.services(), self.source.slices());
-        let inv = objects::inventory(
-            services.iter().map(|s| &**s),
-            slices.iter().map(|s| &**s),
-            &mut |w| panic!("unexpected warning: {w}"),
-        );
-        let desired = model::desired_state(&inv, &node, &mut |w| panic!("{w}"));
+        let mut warn = |w: String| panic!("unexpected warning: {w}");
+        self.source.update_view(&mut self.view, changed, &mut warn);
+        self.view.set_node(&node);
+        let touched = self.view.recompute(&mut warn);
+        let scope = if self.synced {
+            Scope::Touched(&touched)
+        } else {
+            Scope::All
+        };
         let stats = self
             .reconciler
-            .apply(&desired, &mut self.maps, &mut |e| panic!("sync: {e}"));
+            .apply(self.view.desired(), scope, &mut self.maps, &mut |e| {
+                panic!("sync: {e}")
+            });
+        self.synced = true;
         assert_eq!(stats.errors, 0);
         self.history.push(self.maps.frontends.len());
     }

@@ -73,7 +73,7 @@ fn names(m: &ManifestDir) -> Vec<String> {
 fn poll(m: &mut ManifestDir) -> (bool, Vec<String>) {
     let mut problems = Vec::new();
     let changed = m.poll(&mut problems).expect("poll");
-    (changed, problems)
+    (!changed.is_empty(), problems)
 }
 
 /// The backends of `ip:80` through the whole pure pipeline.

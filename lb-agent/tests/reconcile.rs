@@ -1,6 +1,8 @@
 //! `sync::Reconciler` against an in-memory datapath that records every operation and checks,
 //! after each one, what a packet could see: every frontend with backends points at an existing
-//! table of its size whose entries all name existing backends.
+//! table of its size whose entries all name existing backends. Syncs of everything
+//! (`Scope::All`) and of what a change touched (`Scope::Touched`, computed by the agent's
+//! `ClusterView`) must end in the same maps.
 
 mod common;
 
@@ -14,9 +16,10 @@ use std::{
 use common::*;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
-    model::{BackendSpec, Desired},
-    objects::{ANNOTATION_MAGLEV_SIZE, Protocol},
-    sync::{Datapath, Existing, Reconciler, SyncStats, backend_value},
+    model::{BackendSpec, Desired, NodeConfig},
+    objects::{ANNOTATION_MAGLEV_SIZE, ObjKey, Protocol},
+    sync::{Datapath, Existing, Reconciler, Scope, SyncStats, TableLoc, backend_value},
+    view::ClusterView,
 };
 use lb_common::{BACKEND_F_LOCAL, Backend, MaglevSlot, SvcKey, SvcVal, addr, maglev};
 
@@ -28,9 +31,10 @@ const SEED: u64 = 0x6b70_6c62;
 enum Op {
     SetBackend(u32, IpAddr),
     DelBackend(u32),
-    /// Table id and the distinct backend ids it names.
-    SetTable(u32, BTreeSet<u32>),
-    DelTable(u32),
+    /// Table location and the distinct backend ids it names.
+    WriteTable(u32, BTreeSet<u32>),
+    RewriteTable(u32),
+    RetireTable(u32),
     SetFrontend(SvcKey, SvcVal),
     DelFrontend(SvcKey),
 }
@@ -40,8 +44,9 @@ impl Op {
         match self {
             Op::SetBackend(..) => "set_backend",
             Op::DelBackend(_) => "del_backend",
-            Op::SetTable(..) => "set_table",
-            Op::DelTable(_) => "del_table",
+            Op::WriteTable(..) => "write_table",
+            Op::RewriteTable(_) => "rewrite_table",
+            Op::RetireTable(_) => "retire_table",
             Op::SetFrontend(..) => "set_frontend",
             Op::DelFrontend(_) => "del_frontend",
         }
@@ -59,11 +64,13 @@ impl fmt::Display for MapFull {
 
 impl std::error::Error for MapFull {}
 
-/// The three maps, as the programs see them.
+/// The maps, as the programs see them. Tables are kept by location; a location is never
+/// handed out twice, so a frontend left pointing at a retired table shows up as a violation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Maps {
     backends: BTreeMap<u32, Backend>,
     tables: BTreeMap<u32, Vec<MaglevSlot>>,
+    next_loc: u32,
     frontends: BTreeMap<SvcKey, SvcVal>,
 }
 
@@ -79,7 +86,7 @@ struct Fake {
     fail_if: Option<FailIf>,
     /// Broken invariants, with the operation after which they were seen.
     violations: Vec<String>,
-    /// `purge_affinity` calls: (operations done before it, group, backend ids kept).
+    /// `purge_affinity_groups` entries: (operations done before it, group, backend ids kept).
     purged: Vec<(usize, u32, BTreeSet<u32>)>,
 }
 
@@ -115,11 +122,11 @@ impl Fake {
             if v.backend_count == 0 {
                 continue;
             }
-            let Some(table) = m.tables.get(&v.group_id) else {
+            let Some(table) = m.tables.get(&v.table_loc) else {
                 self.violations.push(format!(
                     "after {last:?}: {} -> missing table {}",
                     show_key(k),
-                    v.group_id
+                    v.table_loc
                 ));
                 continue;
             };
@@ -128,7 +135,7 @@ impl Fake {
                     "after {last:?}: {} says size {}, table {} has {}",
                     show_key(k),
                     v.table_size,
-                    v.group_id,
+                    v.table_loc,
                     table.len()
                 ));
             }
@@ -141,7 +148,7 @@ impl Fake {
                 self.violations.push(format!(
                     "after {last:?}: {} -> table {} names missing backends {missing:?}",
                     show_key(k),
-                    v.group_id
+                    v.table_loc
                 ));
             }
         }
@@ -167,7 +174,7 @@ impl Fake {
         if v.backend_count == 0 {
             return Vec::new();
         }
-        let ids: BTreeSet<u32> = self.maps.tables[&v.group_id]
+        let ids: BTreeSet<u32> = self.maps.tables[&v.table_loc]
             .iter()
             .map(|s| s.backend)
             .collect();
@@ -182,7 +189,7 @@ impl Fake {
     /// The table of a frontend as backend `(address, port)` per slot.
     fn table_of(&self, key: &SvcKey) -> Vec<(IpAddr, u16)> {
         let v = self.maps.frontends[key];
-        self.maps.tables[&v.group_id]
+        self.maps.tables[&v.table_loc]
             .iter()
             .map(|s| endpoint(&self.maps.backends[&s.backend]))
             .collect()
@@ -210,7 +217,7 @@ impl Datapath for Fake {
         })
     }
 
-    fn set_table(&mut self, id: u32, table: &[MaglevSlot]) -> Result<(), MapFull> {
+    fn write_table(&mut self, table: &[MaglevSlot]) -> Result<TableLoc, MapFull> {
         let named: BTreeSet<u32> = table.iter().map(|s| s.backend).collect();
         let missing: Vec<u32> = named
             .iter()
@@ -218,20 +225,41 @@ impl Datapath for Fake {
             .filter(|b| !self.maps.backends.contains_key(b))
             .collect();
         if !missing.is_empty() {
-            self.violations.push(format!(
-                "table {id} written before its backends {missing:?}"
-            ));
+            self.violations
+                .push(format!("table written before its backends {missing:?}"));
         }
+        let loc = self.maps.next_loc + 1;
         let t = table.to_vec();
-        self.op(Op::SetTable(id, named), |m| {
-            m.tables.insert(id, t);
+        self.op(Op::WriteTable(loc, named), |m| {
+            m.next_loc = loc;
+            m.tables.insert(loc, t);
+        })?;
+        Ok(TableLoc {
+            loc,
+            size: table.len() as u32,
         })
     }
 
-    fn del_table(&mut self, id: u32) -> Result<(), MapFull> {
-        self.op(Op::DelTable(id), |m| {
-            m.tables.remove(&id);
+    fn rewrite_table(&mut self, loc: TableLoc, table: &[MaglevSlot]) -> Result<(), MapFull> {
+        // Readers see it slot by slot: only the previous owners may change.
+        match self.maps.tables.get(&loc.loc) {
+            Some(old)
+                if old.len() == table.len()
+                    && old.iter().zip(table).all(|(o, n)| o.backend == n.backend) => {}
+            _ => self
+                .violations
+                .push(format!("table {loc:?} rewritten with other owners")),
+        }
+        let t = table.to_vec();
+        self.op(Op::RewriteTable(loc.loc), |m| {
+            m.tables.insert(loc.loc, t);
         })
+    }
+
+    fn retire_table(&mut self, loc: TableLoc) {
+        let _ = self.op(Op::RetireTable(loc.loc), |m| {
+            m.tables.remove(&loc.loc);
+        });
     }
 
     fn set_frontend(&mut self, key: &SvcKey, val: &SvcVal) -> Result<(), MapFull> {
@@ -248,17 +276,28 @@ impl Datapath for Fake {
         })
     }
 
-    fn purge_affinity(&mut self, group: u32, keep: &[u32]) -> Result<(), MapFull> {
-        self.purged
-            .push((self.ops.len(), group, keep.iter().copied().collect()));
+    fn purge_affinity_groups(&mut self, purges: &[(u32, Vec<u32>)]) -> Result<(), MapFull> {
+        for (group, keep) in purges {
+            self.purged
+                .push((self.ops.len(), *group, keep.iter().copied().collect()));
+        }
         Ok(())
     }
 }
 
-/// Applies and returns the stats and the errors reported.
+/// Applies everything and returns the stats and the errors reported.
 fn apply(r: &mut Reconciler, d: &Desired, fake: &mut Fake) -> (SyncStats, Vec<String>) {
+    apply_scoped(r, d, Scope::All, fake)
+}
+
+fn apply_scoped(
+    r: &mut Reconciler,
+    d: &Desired,
+    scope: Scope<'_>,
+    fake: &mut Fake,
+) -> (SyncStats, Vec<String>) {
     let mut errors = Vec::new();
-    let st = r.apply(d, fake, &mut |e| errors.push(e));
+    let st = r.apply(d, scope, fake, &mut |e| errors.push(e));
     assert_eq!(st.errors, errors.len());
     (st, errors)
 }
@@ -275,7 +314,6 @@ fn existing(maps: &Maps) -> Existing {
     Existing {
         backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
         frontends: maps.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
-        groups: maps.tables.keys().copied().collect(),
     }
 }
 
@@ -290,7 +328,6 @@ fn assert_converged(fake: &Fake, d: &Desired) {
     for (k, fe) in &d.frontends {
         let v = m.frontends[k];
         let group = &d.groups[&fe.group];
-        assert_eq!(v.table_size, fe.group.table_size, "{}", show_key(k));
         assert_eq!(v.flags, fe.flags, "{}", show_key(k));
         assert_eq!(v.affinity_timeout, fe.affinity_timeout_s, "{}", show_key(k));
         assert_eq!(
@@ -302,11 +339,12 @@ fn assert_converged(fake: &Fake, d: &Desired) {
         if group.backends.is_empty() {
             continue;
         }
-        tables.insert(v.group_id);
-        let table = &m.tables[&v.group_id];
+        assert_eq!(v.table_size, group.table_size, "{}", show_key(k));
+        tables.insert(v.table_loc);
+        let table = &m.tables[&v.table_loc];
         let idents: Vec<maglev::Identity> =
             group.backends.iter().map(BackendSpec::identity).collect();
-        let expected = maglev::build(&idents, fe.group.table_size, SEED).expect("buildable");
+        let expected = maglev::build(&idents, group.table_size, SEED).expect("buildable");
         assert_eq!(table.len(), expected.len());
         for (slot, want) in table.iter().zip(&expected) {
             let have = m.backends[&slot.backend];
@@ -429,11 +467,11 @@ fn frontends_of(d: &Desired, name: &str) -> BTreeSet<SvcKey> {
         .collect()
 }
 
-/// Table ids behind service `name`'s frontends in the maps.
+/// Table locations behind service `name`'s frontends in the maps.
 fn tables_of(fake: &Fake, d: &Desired, name: &str) -> BTreeSet<u32> {
     frontends_of(d, name)
         .iter()
-        .map(|k| fake.maps.frontends[k].group_id)
+        .map(|k| fake.maps.frontends[k].table_loc)
         .collect()
 }
 
@@ -457,7 +495,7 @@ fn first_apply_writes_backends_then_tables_then_frontends() {
 
     let kinds: Vec<&str> = fake.ops.iter().map(Op::kind).collect();
     let backends = position(&fake.ops, |o| matches!(o, Op::SetBackend(..)));
-    let tables = position(&fake.ops, |o| matches!(o, Op::SetTable(..)));
+    let tables = position(&fake.ops, |o| matches!(o, Op::WriteTable(..)));
     let frontends = position(&fake.ops, |o| matches!(o, Op::SetFrontend(..)));
     assert_eq!(backends.len(), 10, "{kinds:?}");
     assert_eq!(tables.len(), 4, "a, b/TCP, b/UDP, c: {kinds:?}");
@@ -525,21 +563,28 @@ fn adding_one_endpoint_touches_only_that_service() {
     let st = apply_ok(&mut r, &d2, &mut fake);
     assert_converged(&fake, &d2);
 
-    let a_table = fake.maps.frontends[&a80()].group_id;
+    let a_table = fake.maps.frontends[&a80()].table_loc;
+    let old_table = before.frontends[&a80()].table_loc;
     let ops = fake.since(mark).to_vec();
+    // The new table goes into new space, the frontend switches to it in one update, and only
+    // then is the old table retired.
     assert!(
-        matches!(&ops[..], [Op::SetBackend(_, ip), Op::SetTable(t, _), Op::SetFrontend(k, v)]
-            if *ip == common::ip("10.0.2.9") && *t == a_table && *k == a80() && v.backend_count == 3),
+        matches!(&ops[..], [Op::SetBackend(_, ip), Op::WriteTable(t, _), Op::SetFrontend(k, v), Op::RetireTable(old)]
+            if *ip == common::ip("10.0.2.9") && *t == a_table && *k == a80() && v.backend_count == 3
+                && *old == old_table),
         "{ops:#?}"
     );
     assert_eq!(st.writes, 3);
-    // Same table id (same size): replaced in place, atomically.
-    assert_eq!(before.frontends[&a80()].group_id, a_table);
+    // The group keeps its id (its affinity pins and counters stay).
+    assert_eq!(
+        before.frontends[&a80()].group_id,
+        fake.maps.frontends[&a80()].group_id
+    );
     // Nothing of b or c changed.
     for k in [b80(), b53(), c80()] {
         assert_eq!(fake.maps.frontends[&k], before.frontends[&k]);
-        let id = before.frontends[&k].group_id;
-        assert_eq!(fake.maps.tables[&id], before.tables[&id]);
+        let loc = before.frontends[&k].table_loc;
+        assert_eq!(fake.maps.tables[&loc], before.tables[&loc]);
     }
 }
 
@@ -571,12 +616,12 @@ fn removing_a_service_deletes_frontends_then_tables_then_unreferenced_backends()
     // b80 and b53 frontends, b's two tables, and b's backends except the one d shares:
     // 10.0.2.3:8080, 10.0.2.4:8080 and the three :5353 ones.
     assert_eq!(kinds[..2], ["del_frontend"; 2], "{ops:#?}");
-    assert_eq!(kinds[2..4], ["del_table"; 2], "{ops:#?}");
+    assert_eq!(kinds[2..4], ["retire_table"; 2], "{ops:#?}");
     assert_eq!(kinds[4..], ["del_backend"; 5], "{ops:#?}");
     let deleted_tables: BTreeSet<u32> = ops
         .iter()
         .filter_map(|o| {
-            if let Op::DelTable(t) = o {
+            if let Op::RetireTable(t) = o {
                 Some(*t)
             } else {
                 None
@@ -637,10 +682,13 @@ fn affinity_pins_are_purged_when_their_backend_leaves_the_group() {
         fake.purged
     );
     for (at, group, _) in &fake.purged {
-        let table_at = position(&fake.ops, |o| matches!(o, Op::SetTable(t, _) if t == group));
+        let repointed = position(
+            &fake.ops,
+            |o| matches!(o, Op::SetFrontend(_, v) if v.group_id == *group && v.backend_count == 3),
+        );
         assert!(
-            table_at.iter().any(|i| i < at),
-            "purge of {group} before its table"
+            repointed.iter().any(|i| i < at),
+            "purge of {group} before its frontends use the new table"
         );
     }
 
@@ -665,7 +713,7 @@ fn a_service_without_endpoints_keeps_its_frontend_and_loses_its_table() {
     let mut fake = Fake::default();
     let mut r = Reconciler::new(SEED);
     apply_ok(&mut r, &w.desired(), &mut fake);
-    let old_table = fake.maps.frontends[&c80()].group_id;
+    let old_table = fake.maps.frontends[&c80()].table_loc;
     let mark = fake.ops.len();
 
     // Every endpoint of c is gone (scaled to zero).
@@ -685,7 +733,7 @@ fn a_service_without_endpoints_keeps_its_frontend_and_loses_its_table() {
     let kinds: Vec<&str> = fake.since(mark).iter().map(Op::kind).collect();
     assert_eq!(
         kinds,
-        ["set_frontend", "del_table", "del_backend", "del_backend"]
+        ["set_frontend", "retire_table", "del_backend", "del_backend"]
     );
     assert_eq!(apply_ok(&mut r, &d2, &mut fake).writes, 0);
 
@@ -715,7 +763,7 @@ fn a_new_service_without_endpoints_gets_a_rejecting_frontend_and_no_table() {
 }
 
 #[test]
-fn changing_table_size_repoints_the_frontend_before_dropping_the_old_table() {
+fn changing_table_size_repoints_the_frontend_before_retiring_the_old_table() {
     let mut w = World::new();
     let mut fake = Fake::default();
     let mut r = Reconciler::new(SEED);
@@ -730,11 +778,9 @@ fn changing_table_size_repoints_the_frontend_before_dropping_the_old_table() {
     assert_converged(&fake, &d);
     let new = fake.maps.frontends[&a80()];
     assert_eq!(new.table_size, 1021);
-    assert_ne!(
-        new.group_id, old.group_id,
-        "a table never changes size under one id"
-    );
-    assert!(!fake.maps.tables.contains_key(&old.group_id));
+    assert_eq!(new.group_id, old.group_id, "the group keeps its id");
+    assert_ne!(new.table_loc, old.table_loc);
+    assert!(!fake.maps.tables.contains_key(&old.table_loc));
 }
 
 #[test]
@@ -826,8 +872,8 @@ fn adopting_unchanged_state_keeps_backends_and_traffic() {
         let old = before.frontends[k];
         let new = fake.maps.frontends[k];
         assert_eq!(
-            before.tables.get(&old.group_id),
-            fake.maps.tables.get(&new.group_id)
+            before.tables.get(&old.table_loc),
+            fake.maps.tables.get(&new.table_loc)
         );
     }
     assert_eq!(apply_ok(&mut r, &d, &mut fake).writes, 0);
@@ -839,18 +885,9 @@ fn adopting_cleans_up_leftovers() {
     let d = w.desired();
     let mut fake = Fake::default();
     apply_ok(&mut Reconciler::new(SEED), &d, &mut fake);
-    // Left behind by a crash: a table nothing points at, a backend no table names, and a
-    // frontend of a service deleted since, pointing at a table that no longer exists.
-    fake.maps.tables.insert(
-        900,
-        vec![
-            MaglevSlot {
-                backend: 1,
-                prev: 0
-            };
-            251
-        ],
-    );
+    // Left behind by a crash: a backend no table names, and a frontend of a service deleted
+    // since, rejecting. (Table space no frontend reads is free by construction: see
+    // table_slabs.rs.)
     let stray = Backend {
         addr: addr::from_ip(ip("10.0.3.3")),
         port: 80u16.to_be(),
@@ -864,7 +901,8 @@ fn adopting_cleans_up_leftovers() {
         gone,
         SvcVal {
             group_id: 902,
-            table_size: 251,
+            table_loc: 0,
+            table_size: 0,
             backend_count: 0,
             flags: 0,
             affinity_timeout: 0,
@@ -878,21 +916,25 @@ fn adopting_cleans_up_leftovers() {
 }
 
 #[test]
-fn adopted_ids_are_never_reused_for_new_tables() {
-    // A previous agent with other ids in use: adopt must not hand out an id that is still
-    // live, or a frontend would briefly point at a table of another size.
+fn adopted_group_ids_are_never_reused_while_live() {
+    // A previous agent with other group ids in use: adopt must not hand out an id a frontend
+    // still carries, or two services would share affinity pins and counters.
     let w = World::new();
     let d = w.desired();
     let mut fake = Fake::default();
     apply_ok(&mut Reconciler::new(SEED), &d, &mut fake);
-    let old_ids: BTreeSet<u32> = fake.maps.tables.keys().copied().collect();
+    let old_ids: BTreeSet<u32> = fake.maps.frontends.values().map(|v| v.group_id).collect();
     let mark = fake.ops.len();
 
     let mut r = Reconciler::adopt(SEED, existing(&fake.maps));
     apply_ok(&mut r, &d, &mut fake);
     for op in fake.since(mark) {
-        if let Op::SetTable(id, _) = op {
-            assert!(!old_ids.contains(id), "table {id} overwritten while live");
+        if let Op::SetFrontend(_, v) = op {
+            assert!(
+                !old_ids.contains(&v.group_id),
+                "group id {} reused",
+                v.group_id
+            );
         }
     }
     assert_converged(&fake, &d);
@@ -915,7 +957,7 @@ fn a_failed_table_write_is_reported_and_isolated() {
     let d = World::new().desired();
     // b's TCP table cannot be written (its backends are 10.0.x.3/4 on port 8080).
     let mut fake = Fake::failing(|op, maps| match op {
-        Op::SetTable(_, named) => named.iter().any(|id| {
+        Op::WriteTable(_, named) => named.iter().any(|id| {
             let b = maps.backends[id];
             addr::to_ip(&b.addr) == ip("10.0.2.4") && u16::from_be(b.port) == 8080
         }),
@@ -954,7 +996,7 @@ fn a_backend_written_for_a_failed_table_goes_when_no_longer_wanted() {
 
     // a gains 10.0.2.9: its backend is written, but a's new table cannot be.
     fake.fail_if = fail_when(|op, maps| match op {
-        Op::SetTable(_, named) => named
+        Op::WriteTable(_, named) => named
             .iter()
             .any(|id| addr::to_ip(&maps.backends[id].addr) == ip("10.0.2.9")),
         _ => false,
@@ -1111,8 +1153,7 @@ fn failing_deletes_do_not_stop_the_rest() {
     apply_ok(&mut r, &w.desired(), &mut fake);
 
     // Every delete fails while b goes and a changes.
-    fake.fail_if =
-        fail_when(|op, _| matches!(op, Op::DelBackend(_) | Op::DelTable(_) | Op::DelFrontend(_)));
+    fake.fail_if = fail_when(|op, _| matches!(op, Op::DelBackend(_) | Op::DelFrontend(_)));
     w.services.remove("b");
     w.set_endpoints("a", &["10.0.1.1", "10.0.2.2"]);
     let d = w.desired();
@@ -1150,12 +1191,15 @@ fn protocol_is_part_of_the_backend() {
 #[test]
 fn table_changes_keep_previous_owners_for_the_window() {
     let mut w = World::new();
+    // A fixed size: previous owners only mean something between tables of one size.
+    let a = Svc::new("a", "172.30.0.1").port("http", "TCP", 80);
+    w.services
+        .insert("a", a.annotate(ANNOTATION_MAGLEV_SIZE, "1021").build());
     let mut fake = Fake::default();
     let mut r = Reconciler::new(SEED).with_prev_window(Duration::from_secs(60));
     let d1 = w.desired();
     apply_ok(&mut r, &d1, &mut fake);
-    let a_table = fake.maps.frontends[&a80()].group_id;
-    let before = fake.maps.tables[&a_table].clone();
+    let before = fake.maps.tables[&fake.maps.frontends[&a80()].table_loc].clone();
     assert!(
         before.iter().all(|s| s.prev == 0),
         "a first table has no history"
@@ -1165,6 +1209,7 @@ fn table_changes_keep_previous_owners_for_the_window() {
     let d2 = w.desired();
     apply_ok(&mut r, &d2, &mut fake);
     assert_converged(&fake, &d2);
+    let a_table = fake.maps.frontends[&a80()].table_loc;
     let after = fake.maps.tables[&a_table].clone();
     let mut moved = 0;
     for (now, was) in after.iter().zip(&before) {
@@ -1210,4 +1255,207 @@ fn without_a_window_tables_carry_no_previous_owners() {
     w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
     apply_ok(&mut r, &w.desired(), &mut fake);
     assert!(fake.maps.tables.values().flatten().all(|s| s.prev == 0));
+}
+
+// ---- Incremental syncs -------------------------------------------------------------------------
+
+fn obj_key(name: &str) -> ObjKey {
+    ("default".to_string(), name.to_string())
+}
+
+/// The agent's incremental path over an in-memory datapath: each change tells the view only
+/// about the objects it changed, and only the keys the view reports as touched are synced.
+struct Incremental {
+    view: ClusterView,
+    r: Reconciler,
+    fake: Fake,
+}
+
+impl Incremental {
+    fn start(w: &World, node: &NodeConfig) -> Self {
+        let mut inc = Self {
+            view: ClusterView::default(),
+            r: Reconciler::new(SEED),
+            fake: Fake::default(),
+        };
+        inc.view.set_node(node);
+        let mut warn = |e: String| panic!("{e}");
+        for (name, svc) in &w.services {
+            inc.view.set_service(&obj_key(name), Some(svc), &mut warn);
+        }
+        for s in w.slices.values() {
+            let name = s.metadata.name.clone().unwrap();
+            inc.view.set_slice(&obj_key(&name), Some(s), &mut warn);
+        }
+        inc.view.recompute(&mut warn);
+        let (_, errors) = apply_scoped(&mut inc.r, inc.view.desired(), Scope::All, &mut inc.fake);
+        assert!(errors.is_empty(), "{errors:#?}");
+        inc
+    }
+
+    /// Tells the view that `services` and `slices` (keys) are now as in `w`, syncs what that
+    /// touched, and checks the maps equal a full computation of `w`. Returns the operations.
+    fn change(&mut self, w: &World, services: &[&str], slices: &[&str]) -> Vec<Op> {
+        let mut warn = |e: String| panic!("{e}");
+        for name in services {
+            let svc = w.services.get(name);
+            self.view.set_service(&obj_key(name), svc, &mut warn);
+        }
+        for name in slices {
+            let s = w
+                .slices
+                .values()
+                .find(|s| s.metadata.name.as_deref() == Some(*name));
+            self.view.set_slice(&obj_key(name), s, &mut warn);
+        }
+        self.sync(w)
+    }
+
+    fn sync(&mut self, w: &World) -> Vec<Op> {
+        let mark = self.fake.ops.len();
+        let touched = self.view.recompute(&mut |e| panic!("{e}"));
+        let (_, errors) = apply_scoped(
+            &mut self.r,
+            self.view.desired(),
+            Scope::Touched(&touched),
+            &mut self.fake,
+        );
+        assert!(errors.is_empty(), "{errors:#?}");
+        self.fake.assert_no_violations();
+        let full = w.desired();
+        assert_eq!(
+            self.view.desired(),
+            &full,
+            "incremental and full desired state"
+        );
+        assert_converged(&self.fake, &full);
+        self.fake.since(mark).to_vec()
+    }
+}
+
+fn external_svc(name: &str, vip: &str) -> Service {
+    let mut s = Svc::new(name, vip).port("http", "TCP", 80).build();
+    if let Some(spec) = s.spec.as_mut() {
+        spec.external_ips = Some(vec!["192.168.99.10".to_string()]);
+    }
+    s
+}
+
+#[test]
+fn syncing_only_what_changed_ends_where_a_full_sync_does() {
+    let mut w = World::new();
+    let node = node(NODE);
+    let mut inc = Incremental::start(&w, &node);
+    assert_converged(&inc.fake, &w.desired());
+
+    // One endpoint more for a: only a's backend, table and frontend are written.
+    w.set_endpoints("a", &["10.0.1.1", "10.0.1.2", "10.0.2.9"]);
+    let ops = inc.change(&w, &[], &["a-1"]);
+    let kinds: Vec<&str> = ops.iter().map(Op::kind).collect();
+    assert_eq!(
+        kinds,
+        ["set_backend", "write_table", "set_frontend", "retire_table"]
+    );
+
+    // b goes before its slice does, then the slice; d arrives before its endpoints do.
+    w.services.remove("b");
+    inc.change(&w, &["b"], &[]);
+    w.slices.remove("b");
+    assert!(
+        inc.change(&w, &[], &["b-1"]).is_empty(),
+        "nothing left to do"
+    );
+    w.services.insert(
+        "d",
+        Svc::new("d", "172.30.0.4").port("http", "TCP", 80).build(),
+    );
+    let ops = inc.change(&w, &["d"], &[]);
+    assert!(
+        matches!(&ops[..], [Op::SetFrontend(_, v)] if v.backend_count == 0),
+        "{ops:#?}"
+    );
+    w.slices.insert("d", ready_slice("d-1", "d", &["10.0.1.8"]));
+    inc.change(&w, &[], &["d-1"]);
+
+    // c scaled to zero, then annotated with another table size, then back.
+    w.set_endpoints("c", &[]);
+    inc.change(&w, &[], &["c-1"]);
+    let c = Svc::new("c", "172.30.0.3").port("http", "TCP", 80);
+    w.services
+        .insert("c", c.annotate(ANNOTATION_MAGLEV_SIZE, "4093").build());
+    inc.change(&w, &["c"], &[]);
+    w.set_endpoints("c", &["10.0.1.5", "10.0.2.5"]);
+    inc.change(&w, &[], &["c-1"]);
+    assert_eq!(inc.fake.maps.frontends[&c80()].table_size, 4093);
+
+    // Two services claim the same external IP and port: the greater name wins, and the other
+    // takes over when it goes.
+    let ext = SvcKey {
+        scope: lb_common::SCOPE_EXTERNAL,
+        ..tcp("192.168.99.10", 80)
+    };
+    w.services.insert("e", external_svc("e", "172.30.0.5"));
+    w.slices
+        .insert("e", ready_slice("e-1", "e", &["10.0.1.20"]));
+    inc.change(&w, &["e"], &["e-1"]);
+    w.services.insert("f", external_svc("f", "172.30.0.6"));
+    w.slices
+        .insert("f", ready_slice("f-1", "f", &["10.0.1.21"]));
+    inc.change(&w, &["f"], &["f-1"]);
+    assert_eq!(inc.fake.resolve(&ext), eps(&[("10.0.1.21", 8080)]));
+    w.services.remove("f");
+    inc.change(&w, &["f"], &[]);
+    assert_eq!(inc.fake.resolve(&ext), eps(&[("10.0.1.20", 8080)]));
+
+    // A node change (another zone) makes every service stale; still the same end state.
+    let zoned = NodeConfig {
+        zone: Some("zone-b".into()),
+        ..node.clone()
+    };
+    inc.view.set_node(&zoned);
+    let mark = inc.fake.ops.len();
+    let touched = inc.view.recompute(&mut |e| panic!("{e}"));
+    assert!(touched.frontends.len() >= inc.fake.maps.frontends.len());
+    let (_, errors) = apply_scoped(
+        &mut inc.r,
+        inc.view.desired(),
+        Scope::Touched(&touched),
+        &mut inc.fake,
+    );
+    assert!(errors.is_empty());
+    assert!(inc.fake.since(mark).is_empty(), "zones change nothing here");
+}
+
+#[test]
+fn a_failure_in_a_scoped_sync_is_retried_by_the_next_one() {
+    let mut w = World::new();
+    let mut inc = Incremental::start(&w, &node(NODE));
+    // a's new frontend value cannot be written this time.
+    let key = a80();
+    inc.fake.fail_if = fail_when(move |op, _| matches!(op, Op::SetFrontend(k, _) if *k == key));
+    w.set_endpoints("a", &["10.0.1.1", "10.0.2.9"]);
+    inc.view
+        .set_slice(&obj_key("a-1"), w.slices.get("a"), &mut |e| panic!("{e}"));
+    let touched = inc.view.recompute(&mut |e| panic!("{e}"));
+    let (_, errors) = apply_scoped(
+        &mut inc.r,
+        inc.view.desired(),
+        Scope::Touched(&touched),
+        &mut inc.fake,
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    inc.fake.assert_no_violations();
+    assert_eq!(
+        inc.fake.resolve(&a80()),
+        eps(&[("10.0.1.1", 8080), ("10.0.1.2", 8080)]),
+        "still on the old table"
+    );
+    // The next sync is about another service only, yet finishes a's change too.
+    inc.fake.fail_if = None;
+    w.set_endpoints("c", &["10.0.1.5"]);
+    inc.change(&w, &[], &["c-1"]);
+    assert_eq!(
+        inc.fake.resolve(&a80()),
+        eps(&[("10.0.1.1", 8080), ("10.0.2.9", 8080)])
+    );
 }

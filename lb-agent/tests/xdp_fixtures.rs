@@ -14,7 +14,7 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use common::pkt::{self, ACK, CLIENT_MAC, L4, NODE_MAC, Pkt, RST, SYN};
 use lb_agent::{
     datapath::{BpfDatapath, LoadOptions, TC_EGRESS_PROGRAM, XDP_PROGRAM},
-    sync::Datapath as _,
+    sync::{Datapath as _, TableLoc},
 };
 use lb_common::{
     AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, MaglevSlot, SCOPE_EXTERNAL,
@@ -190,11 +190,11 @@ impl Fx {
         count: u32,
         flags: u32,
     ) {
-        if count > 0 {
-            self.dp
-                .set_table(group, &vec![slot; TABLE as usize])
-                .unwrap();
-        }
+        let table = if count > 0 {
+            self.dp.write_table(&vec![slot; TABLE as usize]).unwrap()
+        } else {
+            TableLoc { loc: 0, size: 0 }
+        };
         let key = SvcKey {
             addr: a(ip),
             port: port.to_be(),
@@ -203,7 +203,8 @@ impl Fx {
         };
         let val = SvcVal {
             group_id: group,
-            table_size: TABLE,
+            table_loc: table.loc,
+            table_size: table.size,
             backend_count: count,
             flags,
             affinity_timeout: 0,
@@ -569,17 +570,15 @@ fn client_ip_affinity_pins_and_expires() {
     let b1 = fx.backend("10.0.1.5", 8080, true);
     let b2 = fx.backend("10.0.1.6", 8080, true);
     let svc = |fx: &mut Fx, owner: u32| {
-        fx.dp
-            .set_table(
-                GROUP,
-                &vec![
-                    MaglevSlot {
-                        backend: owner,
-                        prev: 0,
-                    };
-                    TABLE as usize
-                ],
-            )
+        let table = fx
+            .dp
+            .write_table(&vec![
+                MaglevSlot {
+                    backend: owner,
+                    prev: 0,
+                };
+                TABLE as usize
+            ])
             .unwrap();
         let key = SvcKey {
             addr: a(NODE),
@@ -589,7 +588,8 @@ fn client_ip_affinity_pins_and_expires() {
         };
         let val = SvcVal {
             group_id: GROUP,
-            table_size: TABLE,
+            table_loc: table.loc,
+            table_size: table.size,
             backend_count: 2,
             flags: SVC_F_AFFINITY,
             affinity_timeout: TIMEOUT_S,

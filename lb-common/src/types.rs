@@ -25,9 +25,16 @@ pub struct SvcKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SvcVal {
-    /// Key of the Maglev table in [`crate::maps::MAGLEV`]. A group id never changes table size,
-    /// so `table_size` and the table it describes always agree.
+    /// The frontend's group (one service port, family and endpoint selection): the key of its
+    /// session-affinity pins, source ranges and per-service counters. Stable while the service
+    /// exists, whatever happens to its table.
     pub group_id: u32,
+    /// Where the group's Maglev table starts in [`crate::maps::MAGLEV`] (see
+    /// [`crate::maps::table_loc`]). A table is written whole before any frontend points at it
+    /// and never changes afterwards (except dropping previous owners), so a frontend value
+    /// always describes a complete table: location, size and backend count change together in
+    /// one atomic map update.
+    pub table_loc: u32,
     /// Entries in that table (a prime). Slot = flow hash % table_size.
     pub table_size: u32,
     /// Usable backends behind the table. 0 means reject (ECONNREFUSED / RST / ICMP).
@@ -189,7 +196,7 @@ pub mod counter {
 
 const _: () = {
     assert!(core::mem::size_of::<SvcKey>() == 20);
-    assert!(core::mem::size_of::<SvcVal>() == 20);
+    assert!(core::mem::size_of::<SvcVal>() == 24);
     assert!(core::mem::size_of::<AffinityKey>() == 24);
     assert!(core::mem::size_of::<AffinityVal>() == 16);
     assert!(core::mem::size_of::<Backend>() == 36);

@@ -3,15 +3,16 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SvcCounters, SvcKey, SvcVal,
     ct::{Config, CtKey, CtVal, FragKey, FragVal, SrcRangeKey},
     maps::{
-        DEFAULT_CT_MAX, MAGLEV_DEFAULT_SIZE, MAGLEV_TABLE_FLAGS, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_FRAGS, MAX_GROUPS, MAX_REV_SK, MAX_SERVICES, MAX_SRC_RANGES,
+        BPF_F_NO_PREALLOC, DEFAULT_CT_MAX, MAGLEV_MAX_SLABS, MAGLEV_SLAB_MIN_SLOTS,
+        MAGLEV_TABLE_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_FRAGS, MAX_GROUPS, MAX_REV_SK,
+        MAX_SERVICES, MAX_SRC_RANGES,
     },
     types::counter,
 };
@@ -22,18 +23,28 @@ use crate::{
 };
 
 #[btf_map(name = "KPLB_SVC")]
-pub static SERVICES: HashMap<SvcKey, SvcVal, { MAX_SERVICES as usize }> = HashMap::new();
+pub static SERVICES: HashMap<
+    SvcKey,
+    SvcVal,
+    { MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[btf_map(name = "KPLB_BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+pub static BACKENDS: HashMap<
+    u32,
+    Backend,
+    { MAX_BACKENDS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
-/// Inner template only fixes the type; `BPF_F_INNER_MAP` lets each service's table have its own
-/// size. The agent swaps a whole table in with one outer-map update.
-pub type MaglevTable =
-    Array<MaglevSlot, { MAGLEV_DEFAULT_SIZE as usize }, { MAGLEV_TABLE_FLAGS as usize }>;
+/// The inner template only fixes the type; `BPF_F_INNER_MAP` lets slabs differ in size.
+pub type MaglevSlab =
+    Array<MaglevSlot, { MAGLEV_SLAB_MIN_SLOTS as usize }, { MAGLEV_TABLE_FLAGS as usize }>;
 
+/// Slabs of Maglev tables; a frontend's `table_loc` names its slab and first slot.
 #[btf_map(name = "KPLB_MAGLEV")]
-pub static MAGLEV: HashOfMaps<u32, MaglevTable, { MAX_GROUPS as usize }> = HashOfMaps::new();
+pub static MAGLEV: ArrayOfMaps<MaglevSlab, { MAGLEV_MAX_SLABS as usize }> = ArrayOfMaps::new();
 
 #[btf_map(name = "KPLB_REV_SK")]
 pub static REV_SK: LruHashMap<RevSkKey, RevSkVal, { MAX_REV_SK as usize }> = LruHashMap::new();
@@ -95,6 +106,8 @@ pub fn account(group: u32, packets: u64, bytes: u64, connections: u64) {
 /// Per-packet working state kept in a per-CPU map instead of the 512-byte stack.
 pub struct Scratch {
     pub hdr: Hdr,
+    /// The frontend the packet is addressed to.
+    pub svc: SvcVal,
     /// Original-direction conntrack key and value of the packet's flow.
     pub fkey: CtKey,
     pub v: CtVal,

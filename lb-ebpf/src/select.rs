@@ -1,6 +1,9 @@
 //! Frontend lookup and backend choice through the service's Maglev table: shared by every hook.
 
-use lb_common::{Backend, SvcKey, SvcVal};
+use lb_common::{
+    Backend, MaglevSlot, SvcKey, SvcVal,
+    maps::{loc_first, loc_slab},
+};
 
 use crate::maps::{BACKENDS, MAGLEV, SERVICES};
 
@@ -19,6 +22,20 @@ pub fn lookup(key: &SvcKey) -> Option<SvcVal> {
     unsafe { SERVICES.get(key).copied() }
 }
 
+/// Copies the frontend `key`'s value into `out` (XDP keeps it in its per-CPU scratch: the
+/// ICMPv6 translator's call chain leaves no stack for it); false when there is none.
+#[inline(always)]
+pub fn lookup_into(key: &SvcKey, out: &mut SvcVal) -> bool {
+    match SERVICES.get_ptr(key) {
+        Some(p) => {
+            // SAFETY: copied out immediately; hash entries may be reused after return.
+            *out = unsafe { *p };
+            true
+        }
+        None => false,
+    }
+}
+
 /// Picks the backend for `hash` from the frontend's table.
 #[inline(always)]
 pub fn pick(svc: &SvcVal, hash: u32) -> Pick {
@@ -28,9 +45,7 @@ pub fn pick(svc: &SvcVal, hash: u32) -> Pick {
     if svc.table_size == 0 {
         return Pick::Miss;
     }
-    let slot = hash % svc.table_size;
-    // SAFETY: inner tables are arrays (stable slots); the id is copied out.
-    let Some(id) = (unsafe { MAGLEV.get_value(&svc.group_id, &slot) }).map(|s| s.backend) else {
+    let Some(id) = slot(svc, hash).map(|s| s.backend) else {
         return Pick::Miss;
     };
     // SAFETY: copied out immediately.
@@ -38,4 +53,11 @@ pub fn pick(svc: &SvcVal, hash: u32) -> Pick {
         Some(b) => Pick::Backend(id, *b),
         None => Pick::Miss,
     }
+}
+
+/// The slot `hash` selects in the frontend's table (`table_size` must be non-zero).
+#[inline(always)]
+pub fn slot(svc: &SvcVal, hash: u32) -> Option<MaglevSlot> {
+    let index = loc_first(svc.table_loc) + hash % svc.table_size;
+    MAGLEV.get_value(loc_slab(svc.table_loc), &index).copied()
 }

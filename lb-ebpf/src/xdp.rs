@@ -27,7 +27,7 @@ use lb_common::{
 
 use crate::{
     affinity, ct, dsr, frag, fwd, icmp,
-    maps::{BACKENDS, CT, MAGLEV, SRC_RANGES, Scratch, account, config, count, parsed},
+    maps::{BACKENDS, CT, SRC_RANGES, Scratch, account, config, count, parsed},
     nat::{self, Tuple},
     parse::{Frag, Hdr, IPPROTO_ICMP, IPPROTO_ICMPV6, Skip, TCP_ACK, TCP_SYN},
     reject::{self, reject, time_exceeded},
@@ -67,8 +67,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
         proto: h.proto,
         scope: SCOPE_EXTERNAL,
     };
-    let mut v = if let Some(svc) = select::lookup(&key) {
-        frontend(ctx, s, &svc, cfg)
+    let mut v = if select::lookup_into(&key, &mut s.svc) {
+        frontend(ctx, s, cfg)
     } else {
         let v = reply(ctx, h, cfg);
         if v == NOT_A_REPLY {
@@ -178,7 +178,8 @@ fn src_allowed(group: u32, src: &[u32; 4]) -> bool {
 }
 
 #[inline(never)]
-fn frontend(ctx: &XdpContext, s: &mut Scratch, svc: &SvcVal, cfg: &Config) -> u32 {
+fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
+    let svc = s.svc;
     let h = &s.hdr;
     if svc.flags & SVC_F_SRC_RANGES != 0 && !src_allowed(svc.group_id, &h.src) {
         count(counter::XDP_DROP);
@@ -204,7 +205,7 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, svc: &SvcVal, cfg: &Config) -> u3
         count(counter::XDP_REJECT);
         return reject(ctx, &s.hdr);
     }
-    match new_flow(s, svc, cfg, now) {
+    match new_flow(s, &svc, cfg, now) {
         0 => {
             count(counter::XDP_NEW);
             account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 1);
@@ -346,9 +347,7 @@ fn pick(svc: &SvcVal, hash: u32, mid_flow: bool) -> Option<(u32, Backend)> {
     if svc.table_size == 0 {
         return None;
     }
-    let slot = hash % svc.table_size;
-    // SAFETY: inner tables are arrays (stable slots); copied out.
-    let s = unsafe { MAGLEV.get_value(&svc.group_id, &slot) }.copied()?;
+    let s = select::slot(svc, hash)?;
     if mid_flow && s.prev != 0 {
         // SAFETY: copied out immediately.
         if let Some(b) = unsafe { BACKENDS.get(s.prev) } {

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::IpAddr, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal, addr};
+use lb_common::{Backend, MaglevSlot, SvcKey, SvcVal, addr, maps};
 
 /// Raw `(key, value)` byte pairs of a map dump.
 fn dump(args: &[&str]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -52,33 +52,46 @@ fn pinned(bpffs: &Path, map: &str) -> String {
 }
 
 pub fn frontends(bpffs: &Path) -> Result<BTreeMap<SvcKey, SvcVal>> {
-    dump(&["pinned", &pinned(bpffs, lb_common::maps::SERVICES)])?
+    dump(&["pinned", &pinned(bpffs, maps::SERVICES)])?
         .iter()
         .map(|(k, v)| Ok((decode(k)?, decode(v)?)))
         .collect()
 }
 
 pub fn backends(bpffs: &Path) -> Result<BTreeMap<u32, Backend>> {
-    dump(&["pinned", &pinned(bpffs, lb_common::maps::BACKENDS)])?
+    dump(&["pinned", &pinned(bpffs, maps::BACKENDS)])?
         .iter()
         .map(|(k, v)| Ok((decode(k)?, decode(v)?)))
         .collect()
 }
 
-/// Group `group`'s Maglev table, slot by slot.
-pub fn table(bpffs: &Path, group: u32) -> Result<Vec<MaglevSlot>> {
-    let outer = dump(&["pinned", &pinned(bpffs, lb_common::maps::MAGLEV)])?;
+/// The Maglev table a frontend value names: slots `first .. first + size` of its slab.
+pub fn table(bpffs: &Path, val: &SvcVal) -> Result<Vec<MaglevSlot>> {
+    let (slab, first) = (
+        maps::loc_slab(val.table_loc),
+        maps::loc_first(val.table_loc),
+    );
+    let outer = dump(&["pinned", &pinned(bpffs, maps::MAGLEV)])?;
     let inner_id: u32 = outer
         .iter()
-        .find(|(k, _)| decode::<u32>(k).is_ok_and(|g| g == group))
+        .find(|(k, _)| decode::<u32>(k).is_ok_and(|i| i == slab))
         .map(|(_, v)| decode(v))
         .transpose()?
-        .with_context(|| format!("no table for group {group}"))?;
+        .with_context(|| format!("no Maglev slab {slab}"))?;
+    let wanted = first..first + val.table_size;
     let mut slots: Vec<(u32, MaglevSlot)> = dump(&["id", &inner_id.to_string()])?
         .iter()
         .map(|(k, v)| Ok((decode(k)?, decode(v)?)))
+        .filter(|r: &Result<(u32, MaglevSlot)>| r.as_ref().is_ok_and(|(i, _)| wanted.contains(i)))
         .collect::<Result<_>>()?;
     slots.sort_by_key(|(i, _)| *i);
+    if slots.len() != val.table_size as usize {
+        bail!(
+            "slab {slab} holds {} of the table's {} slots",
+            slots.len(),
+            val.table_size
+        );
+    }
     Ok(slots.into_iter().map(|(_, s)| s).collect())
 }
 
@@ -88,7 +101,7 @@ pub fn resolved_table(bpffs: &Path, key: &SvcKey) -> Result<Vec<(IpAddr, u16)>> 
     let fe = frontends(bpffs)?;
     let val = fe.get(key).context("frontend not programmed")?;
     let backends = backends(bpffs)?;
-    table(bpffs, val.group_id)?
+    table(bpffs, val)?
         .iter()
         .map(|s| {
             let b = backends

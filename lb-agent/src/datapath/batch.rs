@@ -1,5 +1,5 @@
-//! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` on maps with `u32` keys and values (the
-//! Maglev outer map: values are inner-map fds), which aya does not wrap.
+//! `BPF_MAP_UPDATE_BATCH`, which aya does not wrap: many elements in one syscall (and, for
+//! map-in-map types, one RCU grace period instead of one per element).
 //!
 //! The kernel processes elements in order and stops at the first failure, reporting how many
 //! it did; the rest are retried after it so each element gets its own outcome.
@@ -7,7 +7,6 @@
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// The kernel's ENOTSUPP (not in libc): the map type has no batch operations.
 const ENOTSUPP: i32 = 524;
 
@@ -32,47 +31,38 @@ pub enum Failed {
     Os(std::io::Error),
 }
 
-/// Updates `keys[i]` to `values[i]` (`BPF_ANY`).
-pub fn update(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> Vec<Result<(), Failed>> {
-    assert_eq!(keys.len(), values.len());
-    run(BPF_MAP_UPDATE_BATCH, map, keys, Some(values))
-}
-
-/// Deletes `keys`; a missing key fails with `ENOENT` (and the others still go).
-pub fn delete(map: BorrowedFd<'_>, keys: &[u32]) -> Vec<Result<(), Failed>> {
-    run(BPF_MAP_DELETE_BATCH, map, keys, None)
-}
-
-fn run(
-    cmd: libc::c_long,
+/// Sets `keys[i]` to `values[i]` (`BPF_ANY`). `K` and `V` must be the map's key and value
+/// layouts (plain `#[repr(C)]` data; for map-in-map values, `u32` fds).
+pub fn update<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
-    keys: &[u32],
-    values: Option<&[u32]>,
+    keys: &[K],
+    values: &[V],
 ) -> Vec<Result<(), Failed>> {
+    assert_eq!(keys.len(), values.len());
     let mut out = Vec::with_capacity(keys.len());
     while out.len() < keys.len() {
         let start = out.len();
-        let rest = &keys[start..];
+        let rest = keys.len() - start;
         let mut attr = BatchAttr {
-            keys: rest.as_ptr() as u64,
-            values: values.map_or(0, |v| v[start..].as_ptr() as u64),
-            count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
+            keys: keys[start..].as_ptr() as u64,
+            values: values[start..].as_ptr() as u64,
+            count: u32::try_from(rest).unwrap_or(u32::MAX),
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` points at `count` keys (and values) that outlive the call; the kernel
+        // SAFETY: `attr` points at `count` keys and values that outlive the call; the kernel
         // only reads them and writes `count` back.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
-                cmd,
+                BPF_MAP_UPDATE_BATCH,
                 &mut attr as *mut BatchAttr,
                 std::mem::size_of::<BatchAttr>(),
             )
         };
-        let done = (attr.count as usize).min(rest.len());
+        let done = (attr.count as usize).min(rest);
         if rc == 0 {
-            out.extend((0..rest.len()).map(|_| Ok(())));
+            out.extend((0..rest).map(|_| Ok(())));
             break;
         }
         let err = std::io::Error::last_os_error();
@@ -87,7 +77,7 @@ fn run(
             out.extend(keys.iter().map(|_| Err(Failed::Unsupported)));
             break;
         }
-        if done < rest.len() {
+        if done < rest {
             out.push(Err(Failed::Os(err)));
         }
     }
