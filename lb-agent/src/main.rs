@@ -138,7 +138,7 @@ impl Source {
     }
 
     /// Brings `view` up to date with what `changed` names (everything after a relist).
-    fn update(&self, view: &mut ClusterView, changed: &Changed, warn: &mut dyn FnMut(String)) {
+    fn update(&mut self, view: &mut ClusterView, changed: &Changed, warn: &mut dyn FnMut(String)) {
         match self {
             Self::Dir { dir, .. } => dir.update_view(view, changed, warn),
             Self::Kube(kube) => kube.update_view(view, changed, warn),
@@ -275,7 +275,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             let first = last_sync.is_none();
             sync_once(
-                &source,
+                &mut source,
                 &node,
                 &mut view,
                 &mut reconciler,
@@ -330,7 +330,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 /// recomputed, the difference written to the maps.
 #[allow(clippy::too_many_arguments)]
 fn sync_once(
-    source: &Source,
+    source: &mut Source,
     node: &NodeConfig,
     view: &mut ClusterView,
     reconciler: &mut Reconciler,
@@ -340,6 +340,7 @@ fn sync_once(
     first: bool,
 ) {
     let start = Instant::now();
+    let batch_was_all = batch.changed.all;
     let mut warn_once = |w: String| warn!("{w}");
     source.update(view, &batch.changed, &mut warn_once);
     view.set_node(node);
@@ -360,6 +361,12 @@ fn sync_once(
         health
             .metrics
             .set_service_labels(service_labels(reconciler));
+    }
+    if first || batch_was_all {
+        // A full sync's transient allocations (parsing, table builds on every CPU) leave free
+        // memory in malloc's arenas; give it back rather than keep it resident.
+        // SAFETY: plain libc call, no preconditions.
+        unsafe { libc::malloc_trim(0) };
     }
     if first {
         info!(

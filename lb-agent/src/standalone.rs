@@ -2,9 +2,9 @@
 //! Node documents are read too, so a lab can give its nodes zones (or mark one as deleting).
 //!
 //! Only changed files are re-parsed (by size, mtime and inode), and a poll reports which
-//! objects they define or defined, so a sync re-reads only those. A file that no longer parses
-//! keeps its last good content (an editor's half-written save must not delete services); the
-//! error is logged with the file name.
+//! objects they define or defined; their content goes to the agent's view once and is not
+//! kept here. A file that no longer parses keeps its last good content (an editor's
+//! half-written save must not delete services); the error is logged with the file name.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -44,104 +44,98 @@ pub struct FileObjects {
     pub nodes: Vec<Node>,
 }
 
+/// What a file defines: only the keys of its Services and EndpointSlices (their content lives
+/// in the agent's view once applied, so it is not kept twice), and its Node documents.
 #[derive(Debug)]
 struct FileState {
     sig: Signature,
-    objects: SharedObjects,
-}
-
-/// A file's objects behind `Arc`s: the index and a sync share them without copying.
-#[derive(Debug, Default)]
-struct SharedObjects {
-    services: Vec<Arc<Service>>,
-    slices: Vec<Arc<EndpointSlice>>,
+    path: Arc<Path>,
+    services: Vec<ObjKey>,
+    slices: Vec<ObjKey>,
     nodes: Vec<Node>,
-}
-
-impl From<FileObjects> for SharedObjects {
-    fn from(o: FileObjects) -> Self {
-        Self {
-            services: o.services.into_iter().map(Arc::new).collect(),
-            slices: o.slices.into_iter().map(Arc::new).collect(),
-            nodes: o.nodes,
-        }
-    }
 }
 
 /// Which files define each object. When several do, the last file in path order wins (and
 /// within a file the last document), as if the directory were read as one stream in order.
-#[derive(Debug)]
-struct ByKey<K> {
-    files: HashMap<ObjKey, BTreeMap<PathBuf, Arc<K>>>,
+#[derive(Debug, Default)]
+struct ByKey {
+    /// Sorted by path.
+    files: HashMap<ObjKey, Vec<Arc<Path>>>,
 }
 
-impl<K> Default for ByKey<K> {
-    fn default() -> Self {
-        Self {
-            files: HashMap::new(),
-        }
-    }
-}
-
-impl<K: Metadata<Ty = ObjectMeta>> ByKey<K> {
-    fn get(&self, key: &ObjKey) -> Option<&Arc<K>> {
-        self.files.get(key).and_then(|f| f.values().next_back())
+impl ByKey {
+    fn winner(&self, key: &ObjKey) -> Option<&Arc<Path>> {
+        self.files.get(key).and_then(|f| f.last())
     }
 
-    fn all(&self) -> impl Iterator<Item = &Arc<K>> {
-        self.files.values().filter_map(|f| f.values().next_back())
-    }
-
-    fn remove_file(&mut self, path: &Path, objs: &[Arc<K>], changed: &mut BTreeSet<ObjKey>) {
-        for key in objs
-            .iter()
-            .filter_map(|o| objects::object_key(o.metadata()))
-        {
-            if let Some(files) = self.files.get_mut(&key) {
-                files.remove(path);
+    fn remove_file(&mut self, path: &Path, keys: &[ObjKey], changed: &mut BTreeSet<ObjKey>) {
+        for key in keys {
+            if let Some(files) = self.files.get_mut(key) {
+                files.retain(|p| **p != *path);
                 if files.is_empty() {
-                    self.files.remove(&key);
+                    self.files.remove(key);
                 }
             }
-            changed.insert(key);
+            changed.insert(key.clone());
         }
     }
 
-    fn add_file(
-        &mut self,
-        path: &Path,
-        objs: &[Arc<K>],
-        changed: &mut BTreeSet<ObjKey>,
-        problems: &mut Vec<Problem>,
-    ) {
-        for o in objs {
-            let Some(key) = objects::object_key(o.metadata()) else {
-                problems.push(format!(
-                    "{}: an object without metadata.name; skipped",
-                    path.display()
-                ));
-                continue;
-            };
-            self.files
-                .entry(key.clone())
-                .or_default()
-                .insert(path.to_path_buf(), o.clone());
-            changed.insert(key);
+    fn add_file(&mut self, path: &Arc<Path>, keys: &[ObjKey], changed: &mut BTreeSet<ObjKey>) {
+        for key in keys {
+            let files = self.files.entry(key.clone()).or_default();
+            if let Err(at) = files.binary_search(path) {
+                files.insert(at, path.clone());
+            }
+            changed.insert(key.clone());
         }
     }
 }
 
-/// The parsed contents of a manifest directory.
+/// The keys of `objs` (nameless ones reported and left out), and the last object of each key.
+fn keyed<K: Metadata<Ty = ObjectMeta>>(
+    path: &Path,
+    objs: Vec<K>,
+    problems: &mut Vec<Problem>,
+) -> (Vec<ObjKey>, HashMap<ObjKey, K>) {
+    let mut keys = Vec::new();
+    let mut by_key = HashMap::new();
+    for o in objs {
+        let Some(key) = objects::object_key(o.metadata()) else {
+            problems.push(format!(
+                "{}: an object without metadata.name; skipped",
+                path.display()
+            ));
+            continue;
+        };
+        if by_key.insert(key.clone(), o).is_none() {
+            keys.push(key);
+        }
+    }
+    (keys, by_key)
+}
+
+/// The manifest directory: which file defines which object, and the objects read since the
+/// view last took them.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    services: ByKey<Service>,
-    slices: ByKey<EndpointSlice>,
+    services: ByKey,
+    slices: ByKey,
+    /// Changed objects (`None`: gone) waiting for [`ManifestDir::update_view`].
+    pending_services: HashMap<ObjKey, Option<Service>>,
+    pending_slices: HashMap<ObjKey, Option<EndpointSlice>>,
 }
 
 /// A problem found while reading; the caller logs it.
 pub type Problem = String;
+
+/// A file's Services and EndpointSlices by key, parsed during one poll.
+#[derive(Default)]
+struct Parsed {
+    services: HashMap<ObjKey, Service>,
+    slices: HashMap<ObjKey, EndpointSlice>,
+}
 
 impl ManifestDir {
     pub fn new(dir: &Path) -> Self {
@@ -150,6 +144,8 @@ impl ManifestDir {
             files: BTreeMap::new(),
             services: ByKey::default(),
             slices: ByKey::default(),
+            pending_services: HashMap::new(),
+            pending_slices: HashMap::new(),
         }
     }
 
@@ -157,10 +153,12 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Re-reads changed, new and removed files. Returns the objects they define or defined.
+    /// Re-reads changed, new and removed files. Returns the objects they define or defined;
+    /// their new content waits for [`ManifestDir::update_view`].
     pub fn poll(&mut self, problems: &mut Vec<Problem>) -> std::io::Result<Changed> {
         let mut seen = BTreeSet::new();
         let mut changed = Changed::default();
+        let mut parsed: HashMap<PathBuf, Parsed> = HashMap::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
             if !is_manifest(&path) {
@@ -177,8 +175,12 @@ impl ManifestDir {
             if self.files.get(&path).is_some_and(|f| f.sig == sig) {
                 continue;
             }
-            let objects = match read_file(&path, problems) {
-                Ok(objects) => objects.into(),
+            match read_file(&path, problems) {
+                Ok(objects) => {
+                    let (state, objects) = file_state(&path, sig, objects, problems);
+                    self.replace_file(&path, Some(state), &mut changed);
+                    parsed.insert(path, objects);
+                }
                 Err(e) => {
                     let keep = if self.files.contains_key(&path) {
                         "keeping its last good content"
@@ -187,26 +189,16 @@ impl ManifestDir {
                     };
                     problems.push(format!("{}: {e}; {keep}", path.display()));
                     // Remember the signature so an unchanged broken file is not re-reported.
-                    if let Some(f) = self.files.get_mut(&path) {
-                        f.sig = sig;
-                    } else {
-                        self.files.insert(
-                            path,
-                            FileState {
-                                sig,
-                                objects: SharedObjects::default(),
-                            },
-                        );
+                    match self.files.get_mut(&path) {
+                        Some(f) => f.sig = sig,
+                        None => {
+                            let (state, _) =
+                                file_state(&path, sig, FileObjects::default(), problems);
+                            self.files.insert(path, state);
+                        }
                     }
-                    continue;
                 }
-            };
-            self.replace_file(
-                &path,
-                Some(FileState { sig, objects }),
-                &mut changed,
-                problems,
-            );
+            }
         }
         let gone: Vec<PathBuf> = self
             .files
@@ -215,76 +207,71 @@ impl ManifestDir {
             .cloned()
             .collect();
         for path in gone {
-            self.replace_file(&path, None, &mut changed, problems);
+            self.replace_file(&path, None, &mut changed);
         }
+        self.take_winners(&changed, &mut parsed, problems);
         Ok(changed)
     }
 
-    fn replace_file(
+    /// Each changed key's current object (from its winning file) into the pending maps.
+    fn take_winners(
         &mut self,
-        path: &Path,
-        new: Option<FileState>,
-        changed: &mut Changed,
+        changed: &Changed,
+        parsed: &mut HashMap<PathBuf, Parsed>,
         problems: &mut Vec<Problem>,
     ) {
+        for key in &changed.services {
+            let obj =
+                self.services.winner(key).cloned().and_then(|p| {
+                    reparsed(parsed, &p, problems).and_then(|f| f.services.remove(key))
+                });
+            self.pending_services.insert(key.clone(), obj);
+        }
+        for key in &changed.slices {
+            let obj =
+                self.slices.winner(key).cloned().and_then(|p| {
+                    reparsed(parsed, &p, problems).and_then(|f| f.slices.remove(key))
+                });
+            self.pending_slices.insert(key.clone(), obj);
+        }
+    }
+
+    fn replace_file(&mut self, path: &Path, new: Option<FileState>, changed: &mut Changed) {
         if let Some(old) = self.files.remove(path) {
             self.services
-                .remove_file(path, &old.objects.services, &mut changed.services);
+                .remove_file(path, &old.services, &mut changed.services);
             self.slices
-                .remove_file(path, &old.objects.slices, &mut changed.slices);
-            changed.nodes |= !old.objects.nodes.is_empty();
+                .remove_file(path, &old.slices, &mut changed.slices);
+            changed.nodes |= !old.nodes.is_empty();
         }
         if let Some(new) = new {
             self.services
-                .add_file(path, &new.objects.services, &mut changed.services, problems);
+                .add_file(&new.path, &new.services, &mut changed.services);
             self.slices
-                .add_file(path, &new.objects.slices, &mut changed.slices, problems);
-            changed.nodes |= !new.objects.nodes.is_empty();
+                .add_file(&new.path, &new.slices, &mut changed.slices);
+            changed.nodes |= !new.nodes.is_empty();
             self.files.insert(path.to_path_buf(), new);
         }
     }
 
-    /// Brings `view` up to date with the objects `changed` names (everything with `all`).
+    /// Hands the objects changed since the last call to `view`. (A directory has no relists:
+    /// its first poll reports every object, so `changed.all` needs nothing more.)
     pub fn update_view(
-        &self,
+        &mut self,
         view: &mut ClusterView,
-        changed: &Changed,
+        _changed: &Changed,
         warn: &mut dyn FnMut(String),
     ) {
-        if changed.all {
-            view.resync(self.services(), self.slices(), warn);
-            return;
+        for (k, obj) in self.pending_services.drain() {
+            view.set_service(&k, obj.as_ref(), warn);
         }
-        for k in &changed.services {
-            view.set_service(k, self.service(k), warn);
+        for (k, obj) in self.pending_slices.drain() {
+            view.set_slice(&k, obj.as_ref(), warn);
         }
-        for k in &changed.slices {
-            view.set_slice(k, self.slice(k), warn);
-        }
-    }
-
-    /// Every Service (one per key).
-    pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.services.all().map(|s| &**s)
-    }
-
-    /// Every EndpointSlice (one per key).
-    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.all().map(|s| &**s)
-    }
-
-    /// The Service `key`, if a file defines it.
-    pub fn service(&self, key: &ObjKey) -> Option<&Service> {
-        self.services.get(key).map(|s| &**s)
-    }
-
-    /// The EndpointSlice `key`, if a file defines it.
-    pub fn slice(&self, key: &ObjKey) -> Option<&EndpointSlice> {
-        self.slices.get(key).map(|s| &**s)
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.files.values().flat_map(|f| f.objects.nodes.iter())
+        self.files.values().flat_map(|f| f.nodes.iter())
     }
 
     /// The Node document named `name`, if the directory has one.
@@ -292,6 +279,54 @@ impl ManifestDir {
         self.nodes()
             .find(|n| n.metadata.name.as_deref() == Some(name))
     }
+}
+
+/// A file's state and its objects by key.
+fn file_state(
+    path: &Path,
+    sig: Signature,
+    objects: FileObjects,
+    problems: &mut Vec<Problem>,
+) -> (FileState, Parsed) {
+    let (services, svc_objs) = keyed(path, objects.services, problems);
+    let (slices, slice_objs) = keyed(path, objects.slices, problems);
+    (
+        FileState {
+            sig,
+            path: Arc::from(path),
+            services,
+            slices,
+            nodes: objects.nodes,
+        },
+        Parsed {
+            services: svc_objs,
+            slices: slice_objs,
+        },
+    )
+}
+
+/// `path`'s objects: as parsed in this poll, or read again (the winner of a key whose other
+/// definition just went away; its file did not change, so it parses as before).
+fn reparsed<'a>(
+    parsed: &'a mut HashMap<PathBuf, Parsed>,
+    path: &Path,
+    problems: &mut Vec<Problem>,
+) -> Option<&'a mut Parsed> {
+    if !parsed.contains_key(path) {
+        let objects = read_file(path, problems).ok()?;
+        let (_, objects) = file_state(
+            path,
+            Signature {
+                len: 0,
+                mtime: None,
+                ino: 0,
+            },
+            objects,
+            &mut Vec::new(),
+        );
+        parsed.insert(path.to_path_buf(), objects);
+    }
+    parsed.get_mut(path)
 }
 
 fn is_manifest(p: &Path) -> bool {

@@ -18,8 +18,9 @@ pub struct ClusterView {
     services: HashMap<ServiceName, ServiceInfo>,
     /// Valid EndpointSlices by key.
     slices: HashMap<ObjKey, SliceInfo>,
-    /// Each service's slice keys, in key order (the order endpoint rules read them in).
-    slices_of: HashMap<ServiceName, BTreeSet<ObjKey>>,
+    /// Each service's slice keys, sorted (the order endpoint rules read them in). Usually one
+    /// or two: a Vec, not a tree.
+    slices_of: HashMap<ServiceName, Vec<ObjKey>>,
     /// Services whose part of the desired state is stale.
     dirty: BTreeSet<ServiceName>,
     node: Option<NodeConfig>,
@@ -34,6 +35,11 @@ impl ClusterView {
     /// Valid services known.
     pub fn service_count(&self) -> usize {
         self.services.len()
+    }
+
+    /// The valid services, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.services.values()
     }
 
     /// Sets the node's identity and settings; a change makes every service stale.
@@ -79,7 +85,7 @@ impl ClusterView {
         }
         if let Some(old) = self.slices.remove(key) {
             if let Some(keys) = self.slices_of.get_mut(&old.service) {
-                keys.remove(key);
+                keys.retain(|k| k != key);
                 if keys.is_empty() {
                     self.slices_of.remove(&old.service);
                 }
@@ -87,10 +93,10 @@ impl ClusterView {
             self.dirty.insert(old.service);
         }
         if let Some(info) = info {
-            self.slices_of
-                .entry(info.service.clone())
-                .or_default()
-                .insert(key.clone());
+            let keys = self.slices_of.entry(info.service.clone()).or_default();
+            if let Err(at) = keys.binary_search(key) {
+                keys.insert(at, key.clone());
+            }
             self.dirty.insert(info.service.clone());
             self.slices.insert(key.clone(), info);
         }

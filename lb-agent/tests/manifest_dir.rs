@@ -1,4 +1,5 @@
-//! `standalone::ManifestDir`: a directory of YAML files, re-read on change.
+//! `standalone::ManifestDir`: a directory of YAML files, re-read on change, feeding the agent's
+//! `ClusterView` as the agent does.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::{
 };
 
 use common::*;
-use lb_agent::standalone::ManifestDir;
+use lb_agent::{standalone::ManifestDir, view::ClusterView};
 
 /// A fresh temporary directory, removed when dropped.
 struct TempDir(PathBuf);
@@ -60,33 +61,52 @@ fn slice(service: &str, addrs: &[&str]) -> String {
     )
 }
 
-fn names(m: &ManifestDir) -> Vec<String> {
-    let mut v: Vec<String> = m
-        .services()
-        .filter_map(|s| s.metadata.name.clone())
-        .collect();
+/// The directory and the view it feeds.
+struct Watched {
+    dir: ManifestDir,
+    view: ClusterView,
+}
+
+impl Watched {
+    fn new(path: &Path) -> Self {
+        let mut view = ClusterView::default();
+        view.set_node(&node(NODE));
+        Self {
+            dir: ManifestDir::new(path),
+            view,
+        }
+    }
+}
+
+fn names(m: &Watched) -> Vec<String> {
+    let mut v: Vec<String> = m.view.services().map(|s| s.id.name.clone()).collect();
     v.sort();
     v
 }
 
-/// Polls and returns (changed, problems).
-fn poll(m: &mut ManifestDir) -> (bool, Vec<String>) {
+/// Polls, hands the changes to the view, and returns (changed, problems).
+fn poll(m: &mut Watched) -> (bool, Vec<String>) {
     let mut problems = Vec::new();
-    let changed = m.poll(&mut problems).expect("poll");
+    let changed = m.dir.poll(&mut problems).expect("poll");
+    m.dir
+        .update_view(&mut m.view, &changed, &mut |w| problems.push(w));
+    m.view.recompute(&mut |w| problems.push(w));
     (!changed.is_empty(), problems)
 }
 
-/// The backends of `ip:80` through the whole pure pipeline.
-fn backends(m: &ManifestDir, ip: &str) -> Vec<(std::net::IpAddr, u16)> {
-    let services: Vec<_> = m.services().cloned().collect();
-    let slices: Vec<_> = m.slices().cloned().collect();
-    run_objects(&services, &slices, &node(NODE)).backends(&tcp(ip, 80))
+/// The backends of `ip:80` in the view's desired state.
+fn backends(m: &Watched, ip: &str) -> Vec<(std::net::IpAddr, u16)> {
+    Run {
+        desired: m.view.desired().clone(),
+        warnings: Vec::new(),
+    }
+    .backends(&tcp(ip, 80))
 }
 
 #[test]
 fn files_added_changed_and_removed_are_followed() {
     let dir = TempDir::new("follow");
-    let mut m = ManifestDir::new(dir.path());
+    let mut m = Watched::new(dir.path());
     assert_eq!(poll(&mut m), (false, vec![]), "empty directory");
 
     dir.write(
@@ -127,13 +147,13 @@ fn files_added_changed_and_removed_are_followed() {
     dir.remove("web.yaml");
     assert_eq!(poll(&mut m), (true, vec![]));
     assert!(names(&m).is_empty());
-    assert_eq!(m.slices().count(), 0);
+    assert!(m.view.desired().frontends.is_empty());
 }
 
 #[test]
 fn hidden_and_non_yaml_files_are_ignored() {
     let dir = TempDir::new("ignored");
-    let mut m = ManifestDir::new(dir.path());
+    let mut m = Watched::new(dir.path());
     dir.write("web.yaml", &service("web", "172.30.0.1"));
     assert!(poll(&mut m).0);
 
@@ -151,7 +171,7 @@ fn hidden_and_non_yaml_files_are_ignored() {
 #[test]
 fn a_file_that_stops_parsing_keeps_its_last_good_content() {
     let dir = TempDir::new("broken");
-    let mut m = ManifestDir::new(dir.path());
+    let mut m = Watched::new(dir.path());
     let good = join(&[&service("web", "172.30.0.1"), &slice("web", &["10.0.1.1"])]);
     dir.write("web.yaml", &good);
     dir.write("api.yaml", &service("api", "172.30.0.2"));
@@ -190,7 +210,7 @@ fn a_file_that_stops_parsing_keeps_its_last_good_content() {
 #[test]
 fn a_new_broken_file_is_reported_and_adds_nothing() {
     let dir = TempDir::new("new-broken");
-    let mut m = ManifestDir::new(dir.path());
+    let mut m = Watched::new(dir.path());
     dir.write("web.yaml", &service("web", "172.30.0.1"));
     dir.write(
         "bad.yaml",
@@ -209,7 +229,7 @@ fn a_new_broken_file_is_reported_and_adds_nothing() {
 #[test]
 fn a_schema_error_skips_one_object_of_a_file() {
     let dir = TempDir::new("schema");
-    let mut m = ManifestDir::new(dir.path());
+    let mut m = Watched::new(dir.path());
     let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: [{port: eighty}]}\n";
     dir.write(
         "all.yaml",
@@ -235,17 +255,15 @@ fn fixtures_load_from_a_directory() {
     for f in ["clusterip.yaml", "types.yaml", "dualstack.yaml"] {
         dir.write(f, &fixture(f));
     }
-    let mut m = ManifestDir::new(dir.path());
-    assert_eq!(poll(&mut m), (true, vec![]));
-    let services: Vec<_> = m.services().cloned().collect();
-    let slices: Vec<_> = m.slices().cloned().collect();
-    let from_dir = run_objects(&services, &slices, &node(NODE));
+    let mut m = Watched::new(dir.path());
+    let (changed, _) = poll(&mut m);
+    assert!(changed);
     let text = join(&[
         &fixture("clusterip.yaml"),
         &fixture("types.yaml"),
         &fixture("dualstack.yaml"),
     ]);
-    assert_eq!(from_dir.desired, run_yaml(&text, &node(NODE)).desired);
+    assert_eq!(m.view.desired(), &run_yaml(&text, &node(NODE)).desired);
 }
 
 #[test]
@@ -254,4 +272,32 @@ fn a_missing_directory_is_an_error() {
     let gone = dir.path().join("nope");
     let mut m = ManifestDir::new(&gone);
     assert!(m.poll(&mut Vec::new()).is_err());
+}
+
+#[test]
+fn an_object_defined_twice_follows_the_last_file_and_falls_back() {
+    let dir = TempDir::new("twice");
+    let mut m = Watched::new(dir.path());
+    dir.write("a.yaml", &service("web", "172.30.0.1"));
+    dir.write("b.yaml", &service("web", "172.30.0.2"));
+    dir.write("web-eps.yaml", &slice("web", &["10.0.1.1"]));
+    assert!(poll(&mut m).0);
+    let vip = |m: &Watched| {
+        let ips: Vec<_> = m
+            .view
+            .services()
+            .flat_map(|s| s.cluster_ips.clone())
+            .collect();
+        ips
+    };
+    assert_eq!(vip(&m), [ip("172.30.0.2")], "the last file wins");
+    // Editing the file that lost changes nothing; removing the winner brings the other back
+    // (read again from its unchanged file).
+    dir.write("a.yaml", &service("web", "172.30.0.3"));
+    poll(&mut m);
+    assert_eq!(vip(&m), [ip("172.30.0.2")]);
+    dir.remove("b.yaml");
+    poll(&mut m);
+    assert_eq!(vip(&m), [ip("172.30.0.3")]);
+    assert_eq!(backends(&m, "172.30.0.3"), eps(&[("10.0.1.1", 8080)]));
 }

@@ -5,7 +5,11 @@
 
 mod common;
 
-use std::{collections::BTreeSet, path::PathBuf, time::Instant};
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use lb_agent::{
     datapath::{self, BpfDatapath, LoadOptions},
@@ -151,6 +155,17 @@ fn retired_space_is_reused_only_after_a_grace_period() {
             table(1024, i),
             "live tables intact"
         );
+    }
+
+    // Idle: space retired a while ago comes back after a grace period waited for on a helper
+    // thread (the caller is not blocked; a later call collects it).
+    dp.retire_table(again);
+    let later = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dp.table_usage().2 != 32 * 1024 {
+        assert!(Instant::now() < deadline, "retired space never came back");
+        dp.reclaim_idle(later).unwrap();
+        std::thread::yield_now();
     }
 }
 

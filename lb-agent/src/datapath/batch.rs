@@ -6,6 +6,7 @@
 
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// The kernel's ENOTSUPP (not in libc): the map type has no batch operations.
 const ENOTSUPP: i32 = 524;
@@ -22,6 +23,46 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// `union bpf_attr`'s element member (`BPF_MAP_UPDATE_ELEM`).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Sets `key` to `value` (`BPF_ANY`) with a plain syscall: usable from any thread with just an
+/// fd (aya's typed maps need the map object).
+pub fn update_one<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> std::io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: `attr` points at a key and a value of the map's sizes that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[derive(Debug)]

@@ -9,8 +9,8 @@
 //! Space of a retired table is reused only after an RCU grace period has passed since it was
 //! retired: a program that read the frontend just before it was repointed may still be reading
 //! the old slots. The wait is one outer-map write (the kernel waits for a grace period on every
-//! map-in-map update), done for all pending space at once, when space runs out or the agent is
-//! idle.
+//! map-in-map update), done for all pending space at once: on a helper thread once it has
+//! waited a second, or in place when space runs out.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -114,6 +114,12 @@ impl FreeSpace {
     }
 }
 
+/// Retired space whose grace period a helper thread is waiting for.
+struct Waiting {
+    tables: Vec<TableLoc>,
+    done: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
 /// The slabs and their free space.
 pub struct Slabs {
     outer: Outer,
@@ -124,6 +130,8 @@ pub struct Slabs {
     /// Retired tables waiting for a grace period, and when the oldest was retired.
     pending: Vec<TableLoc>,
     pending_since: Option<Instant>,
+    /// A grace period being waited for on a helper thread.
+    waiting: Option<Waiting>,
 }
 
 fn map_err(source: MapError) -> DatapathError {
@@ -160,6 +168,7 @@ impl Slabs {
             free,
             pending: Vec::new(),
             pending_since: None,
+            waiting: None,
         })
     }
 
@@ -440,28 +449,73 @@ impl Slabs {
         self.pending_since.get_or_insert_with(Instant::now);
     }
 
-    /// Reclaims retired space if some has waited long enough (called when the agent is idle).
+    /// Reclaims retired space that has waited long enough, waiting for the grace period on a
+    /// helper thread so a change arriving meanwhile is not held up (called when the agent is
+    /// idle; collects the result of an earlier call).
     pub fn reclaim_idle(&mut self, now: Instant) -> Result<(), DatapathError> {
-        if self
+        self.collect_waited(false);
+        let due = self
             .pending_since
-            .is_some_and(|t| now.duration_since(t) >= IDLE_RECLAIM_AFTER)
-        {
-            self.reclaim()?;
+            .is_some_and(|t| now.duration_since(t) >= IDLE_RECLAIM_AFTER);
+        if !due || self.waiting.is_some() {
+            return Ok(());
         }
+        let (outer, (index, slab)) = match (self.outer_fd.try_clone(), self.first_slab_fd()) {
+            (Ok(o), Some(Ok(s))) => (o, s),
+            _ => return self.reclaim(), // no fds to hand over: wait here
+        };
+        let tables = std::mem::take(&mut self.pending);
+        self.pending_since = None;
+        let done = std::thread::Builder::new()
+            .name("grace-period".into())
+            .spawn(move || grace_period(outer.as_fd(), index, slab.as_fd()))
+            .map_err(io("starting the grace-period thread"))?;
+        self.waiting = Some(Waiting { tables, done });
         Ok(())
+    }
+
+    /// Returns the space of a finished background wait to the free lists (with `block`,
+    /// waits for it to finish); a failed wait puts its tables back in line.
+    fn collect_waited(&mut self, block: bool) {
+        if !self
+            .waiting
+            .as_ref()
+            .is_some_and(|w| block || w.done.is_finished())
+        {
+            return;
+        }
+        let Some(w) = self.waiting.take() else { return };
+        match w.done.join() {
+            Ok(Ok(())) => {
+                debug!(tables = w.tables.len(), "retired Maglev space reclaimed");
+                for t in w.tables {
+                    self.release(t);
+                }
+            }
+            _ => {
+                self.pending.extend(w.tables);
+                self.pending_since.get_or_insert_with(Instant::now);
+            }
+        }
     }
 
     /// Waits for an RCU grace period, then returns all retired space to the free lists.
     fn reclaim(&mut self) -> Result<(), DatapathError> {
+        self.collect_waited(true);
         let pending = std::mem::take(&mut self.pending);
         self.pending_since = None;
         if pending.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.grace_period() {
+        let waited = match self.first_slab_fd() {
+            Some(Ok((index, slab))) => grace_period(self.outer_fd.as_fd(), index, slab.as_fd()),
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
+        };
+        if let Err(e) = waited {
             self.pending = pending;
             self.pending_since = Some(Instant::now());
-            return Err(e);
+            return Err(io("waiting for an RCU grace period")(e));
         }
         let n = pending.len();
         for t in pending {
@@ -471,18 +525,21 @@ impl Slabs {
         Ok(())
     }
 
-    /// Rewrites an outer-map entry with the map it already holds: the kernel returns only after
-    /// every program that could have read the maps before has finished.
-    fn grace_period(&mut self) -> Result<(), DatapathError> {
-        let Some((i, slab)) = self
+    /// The first slab's index and a copy of its fd (for a grace-period write).
+    fn first_slab_fd(&self) -> Option<std::io::Result<(u32, std::os::fd::OwnedFd)>> {
+        let (i, slab) = self
             .slabs
             .iter()
             .enumerate()
-            .find_map(|(i, s)| s.as_ref().map(|s| (i, s)))
-        else {
-            return Ok(());
-        };
-        self.outer.set(i as u32, &slab.map, 0).map_err(map_err)
+            .find_map(|(i, s)| s.as_ref().map(|s| (i, s)))?;
+        Some(
+            slab.map
+                .map()
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(|fd| (i as u32, fd)),
+        )
     }
 
     fn release(&mut self, t: TableLoc) {
@@ -507,6 +564,16 @@ impl Slabs {
         let total: u64 = slabs.clone().map(|s| u64::from(s.slots)).sum();
         (slabs.count(), total, total - self.free.total())
     }
+}
+
+/// Rewrites outer-map entry `index` with the slab it already holds: the kernel returns only
+/// after every program that could have read the maps before has finished.
+fn grace_period(
+    outer: std::os::fd::BorrowedFd<'_>,
+    index: u32,
+    slab: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    batch::update_one(outer, &index, &(slab.as_raw_fd() as u32))
 }
 
 fn create_slab(index: u32, slots: u32) -> Result<Array<MapData, MaglevSlot>, DatapathError> {

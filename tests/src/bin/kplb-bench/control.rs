@@ -41,11 +41,16 @@ fn frontend_key(ip: Ipv4Addr, port: u16) -> [u8; 20] {
     k
 }
 
-/// `SvcVal.backend_count` (bytes 8..12) of the frontend, if present.
+/// `SvcVal.backend_count` of the frontend, if present.
 fn backend_count(map: &std::os::fd::OwnedFd, key: &[u8]) -> Result<Option<u32>> {
-    let mut val = [0u8; 16];
-    Ok(bpf::lookup(map, key, &mut val)?
-        .then(|| u32::from_ne_bytes([val[8], val[9], val[10], val[11]])))
+    let mut val = [0u8; size_of::<lb_common::SvcVal>()];
+    if !bpf::lookup(map, key, &mut val)? {
+        return Ok(None);
+    }
+    // SAFETY: SvcVal is a repr(C) aggregate of u32s (every bit pattern valid), the buffer
+    // is exactly its size.
+    let v: lb_common::SvcVal = unsafe { std::ptr::read_unaligned(val.as_ptr().cast()) };
+    Ok(Some(v.backend_count))
 }
 
 pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
