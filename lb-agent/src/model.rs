@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -88,8 +89,8 @@ impl BackendSpec {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Group {
-    /// Sorted, unique.
-    pub backends: Vec<BackendSpec>,
+    /// Sorted, unique. Shared with the reconciler's record of what it wrote (no copy).
+    pub backends: Arc<[BackendSpec]>,
     /// Maglev table size (a supported prime larger than the backend count).
     pub table_size: u32,
     /// The service has sessionAffinity: ClientIP (clients may be pinned to its backends).
@@ -413,7 +414,7 @@ fn add_group(
         local_only,
     };
     out.groups.entry(key.clone()).or_insert_with(|| Group {
-        backends: backends.to_vec(),
+        backends: Arc::from(backends),
         table_size: table_size(svc, backends.len(), external, node, warn),
         affinity: svc.session_affinity,
     });
@@ -679,7 +680,7 @@ fn port_endpoints(
             .node_name
             .as_ref()
             .filter(|_| !local)
-            .and_then(|n| node_cfg.node_addresses.get(n))
+            .and_then(|n| node_cfg.node_addresses.get(&**n))
             .and_then(|ips| ips.iter().find(|ip| ip.is_ipv6() == addr.is_ipv6()))
             .copied();
         BackendSpec {
@@ -783,7 +784,7 @@ mod external_tests {
             serving: ready,
             terminating: !ready,
             zone: None,
-            hints: Default::default(),
+            hints: None,
         };
         let slice = SliceInfo {
             name: "web-1".into(),

@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::{Arc, Mutex},
 };
 
 use k8s_openapi::api::{
@@ -121,15 +122,41 @@ pub struct SlicePort {
     pub port: u16,
 }
 
+/// One endpoint, kept compact: a large cluster holds hundreds of thousands (node and zone
+/// names are shared, hints are rare and boxed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub addr: IpAddr,
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub zone: Option<String>,
-    pub hints: EndpointHints,
+    pub zone: Option<Arc<str>>,
+    /// `None`: no hints of either kind.
+    pub hints: Option<Box<EndpointHints>>,
+}
+
+impl EndpointInfo {
+    /// The endpoint's own hints (empty without any).
+    pub fn own_hints(&self) -> &EndpointHints {
+        static NONE: EndpointHints = EndpointHints {
+            for_zones: BTreeSet::new(),
+            for_nodes: BTreeSet::new(),
+        };
+        self.hints.as_deref().unwrap_or(&NONE)
+    }
+}
+
+/// One shared copy of each node or zone name: every endpoint of a node names it.
+pub fn shared_name(name: &str) -> Arc<str> {
+    static NAMES: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.get(name) {
+        return n.clone();
+    }
+    let n: Arc<str> = Arc::from(name);
+    names.insert(n.clone());
+    n
 }
 
 /// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`); an empty set means the
@@ -554,27 +581,33 @@ pub fn endpoint_slice(
         let serving = cond.and_then(|c| c.serving).unwrap_or(true);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         let hints = ep.hints.as_ref();
+        let hints = EndpointHints {
+            for_zones: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            for_nodes: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
+        };
         endpoints.push(EndpointInfo {
             addr,
-            node_name: ep.node_name.clone(),
+            node_name: ep.node_name.as_deref().map(shared_name),
             ready,
             serving,
             terminating,
-            zone: ep.zone.clone().filter(|z| !z.is_empty()),
-            hints: EndpointHints {
-                for_zones: hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|z| z.name.clone())
-                    .collect(),
-                for_nodes: hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|n| n.name.clone())
-                    .collect(),
-            },
+            zone: ep
+                .zone
+                .as_deref()
+                .filter(|z| !z.is_empty())
+                .map(shared_name),
+            hints: (!hints.for_zones.is_empty() || !hints.for_nodes.is_empty())
+                .then(|| Box::new(hints)),
         });
     }
     Ok(Some(SliceInfo {

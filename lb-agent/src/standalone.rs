@@ -262,10 +262,12 @@ impl ManifestDir {
         _changed: &Changed,
         warn: &mut dyn FnMut(String),
     ) {
-        for (k, obj) in self.pending_services.drain() {
+        // Taken, not drained: a drained map keeps its capacity (megabytes after a first read
+        // of a large directory).
+        for (k, obj) in std::mem::take(&mut self.pending_services) {
             view.set_service(&k, obj.as_ref(), warn);
         }
-        for (k, obj) in self.pending_slices.drain() {
+        for (k, obj) in std::mem::take(&mut self.pending_slices) {
             view.set_slice(&k, obj.as_ref(), warn);
         }
     }

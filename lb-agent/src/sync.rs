@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -107,7 +108,7 @@ pub struct SyncStats {
 struct AppliedGroup {
     id: u32,
     /// The backends its table holds; `None` until a table (possibly empty) has been written.
-    backends: Option<Vec<BackendSpec>>,
+    backends: Option<Arc<[BackendSpec]>>,
     /// Its table; `None` without backends.
     table: Option<TableLoc>,
     /// Until when the table carries previous owners (see [`Reconciler::expire_prev`]).
@@ -135,6 +136,14 @@ impl Ids {
     fn free(&mut self, id: u32) {
         self.used.remove(&id);
     }
+}
+
+/// A backend in the maps.
+#[derive(Clone, Copy, Debug)]
+struct Written {
+    id: u32,
+    /// Tables in the maps that name it.
+    named: u32,
 }
 
 /// How many programmed frontends point at each table location and group id.
@@ -188,10 +197,9 @@ fn dec(m: &mut HashMap<u32, u32>, k: u32) {
 pub struct Reconciler {
     seed: u64,
     backend_ids: Ids,
-    backends: HashMap<Backend, u32>,
-    /// How many groups' tables in the maps name each backend (`AppliedGroup::backends`): a
-    /// sync only looks at the backends whose count may have dropped, not at all of them.
-    named: HashMap<Backend, u32>,
+    /// Every backend in the maps: its id, and how many tables in the maps name it (a sync only
+    /// looks at the backends whose count may have dropped, not at all of them).
+    backends: HashMap<Backend, Written>,
     /// Backends to check for removal at the next sync: written for a table that is not in the
     /// maps yet (its build or write failed), or adopted from a previous agent.
     loose: BTreeSet<Backend>,
@@ -201,7 +209,7 @@ pub struct Reconciler {
     refs: Refs,
     /// Tables no group owns any more, retired once no frontend reads them. The backends they
     /// name stay until then (`None`: unknown, a previous agent's table).
-    retired: Vec<(TableLoc, Option<Vec<BackendSpec>>)>,
+    retired: Vec<(TableLoc, Option<Arc<[BackendSpec]>>)>,
     /// Group ids of a previous agent's frontends: freed once no frontend uses them.
     orphan_groups: BTreeSet<u32>,
     /// Source-range entries written, per group id.
@@ -233,7 +241,7 @@ struct TableJob<'a> {
     key: &'a GroupKey,
     group: &'a Group,
     /// The backends of the table being replaced, when moved slots keep their previous owner.
-    previous: Option<Vec<BackendSpec>>,
+    previous: Option<Arc<[BackendSpec]>>,
 }
 
 impl Reconciler {
@@ -242,7 +250,6 @@ impl Reconciler {
             seed,
             backend_ids: Ids::default(),
             backends: HashMap::new(),
-            named: HashMap::new(),
             loose: BTreeSet::new(),
             group_ids: Ids::default(),
             groups: HashMap::new(),
@@ -276,7 +283,7 @@ impl Reconciler {
         let mut r = Self::new(seed);
         for (id, b) in existing.backends {
             r.backend_ids.used.insert(id);
-            r.backends.insert(b, id);
+            r.backends.insert(b, Written { id, named: 0 });
             r.loose.insert(b);
         }
         let mut tables = BTreeSet::new();
@@ -349,7 +356,7 @@ impl Reconciler {
             match r {
                 Ok(()) => {
                     st.writes += 1;
-                    self.backends.insert(*b, *id);
+                    self.backends.insert(*b, Written { id: *id, named: 0 });
                 }
                 Err(e) => {
                     self.backend_ids.free(*id);
@@ -558,7 +565,12 @@ impl Reconciler {
                 self.retired.push((t, backends));
             } else {
                 dp.retire_table(t);
-                rename(&mut self.named, &mut self.loose, backends.as_deref(), &[]);
+                rename(
+                    &mut self.backends,
+                    &mut self.loose,
+                    backends.as_deref(),
+                    &[],
+                );
             }
         }
         // Now that no table names them, forget the pins to backends that left their group
@@ -568,7 +580,7 @@ impl Reconciler {
             .map(|(id, backends)| {
                 let keep = backends
                     .iter()
-                    .filter_map(|b| self.backends.get(&backend_value(b)).copied())
+                    .filter_map(|b| self.backends.get(&backend_value(b)).map(|w| w.id))
                     .collect();
                 (*id, keep)
             })
@@ -588,12 +600,12 @@ impl Reconciler {
             std::mem::take(&mut self.loose)
         };
         for b in loose {
-            if self.named.contains_key(&b) {
-                continue;
-            }
-            let Some(&id) = self.backends.get(&b) else {
+            let Some(&Written { id, named }) = self.backends.get(&b) else {
                 continue;
             };
+            if named > 0 {
+                continue;
+            }
             if wanted.binary_search(&b).is_ok() {
                 self.loose.insert(b);
                 continue;
@@ -635,13 +647,18 @@ impl Reconciler {
             && let Some(old) = &applied.backends
             && old.iter().any(|b| !job.group.backends.contains(b))
         {
-            purge.push((applied.id, job.group.backends.clone()));
+            purge.push((applied.id, job.group.backends.to_vec()));
         }
         // The new table names its backends now; the old one keeps naming its own until no
         // frontend reads it.
         let old = applied.backends.replace(job.group.backends.clone());
         if loc.is_some() {
-            rename(&mut self.named, &mut self.loose, None, &job.group.backends);
+            rename(
+                &mut self.backends,
+                &mut self.loose,
+                None,
+                &job.group.backends,
+            );
         }
         if let Some(t) = std::mem::replace(&mut applied.table, loc) {
             self.retired.push((t, old));
@@ -741,20 +758,23 @@ impl Reconciler {
 /// Moves a group's table from naming `old` to naming `new` in the per-backend counts; a
 /// backend that may have lost its last name becomes loose.
 fn rename(
-    named: &mut HashMap<Backend, u32>,
+    backends: &mut HashMap<Backend, Written>,
     loose: &mut BTreeSet<Backend>,
     old: Option<&[BackendSpec]>,
     new: &[BackendSpec],
 ) {
     for b in new {
-        *named.entry(backend_value(b)).or_default() += 1;
+        if let Some(w) = backends.get_mut(&backend_value(b)) {
+            w.named += 1;
+        }
     }
     for b in old.unwrap_or_default() {
         let v = backend_value(b);
-        if let Some(n) = named.get_mut(&v) {
-            *n -= 1;
-            if *n == 0 {
-                named.remove(&v);
+        if let Some(w) = backends.get_mut(&v)
+            && w.named > 0
+        {
+            w.named -= 1;
+            if w.named == 0 {
                 loose.insert(v);
             }
         }
@@ -788,7 +808,7 @@ fn mark_previous_owners(
     old: &[BackendSpec],
     size: u32,
     seed: u64,
-    ids: &HashMap<Backend, u32>,
+    ids: &HashMap<Backend, Written>,
 ) -> bool {
     // Old backends are still in `ids`: removals happen after tables are written.
     let Ok(before) = build_table(old, size, seed, ids) else {
@@ -808,7 +828,7 @@ fn build_table(
     backends: &[BackendSpec],
     size: u32,
     seed: u64,
-    ids: &HashMap<Backend, u32>,
+    ids: &HashMap<Backend, Written>,
 ) -> Result<Vec<MaglevSlot>, String> {
     let idents: Vec<maglev::Identity> = backends.iter().map(BackendSpec::identity).collect();
     let slots = maglev::build(&idents, size, seed).map_err(|e| e.to_string())?;
@@ -816,7 +836,7 @@ fn build_table(
         .iter()
         .map(|b| {
             ids.get(&backend_value(b))
-                .copied()
+                .map(|w| w.id)
                 .ok_or("backend not written")
         })
         .collect::<Result<_, _>>()?;

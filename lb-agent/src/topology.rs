@@ -25,21 +25,20 @@ pub enum Mode {
 /// The endpoint's hints: its own, else those the EndpointSlice controller derives from the
 /// service's traffic distribution (only for ready endpoints, as the controller does).
 pub fn hints(ep: &EndpointInfo, dist: Option<TrafficDistribution>) -> Cow<'_, EndpointHints> {
-    let has_own = !ep.hints.for_zones.is_empty() || !ep.hints.for_nodes.is_empty();
-    let (Some(dist), false, true) = (dist, has_own, ep.ready) else {
-        return Cow::Borrowed(&ep.hints);
+    let (Some(dist), None, true) = (dist, &ep.hints, ep.ready) else {
+        return Cow::Borrowed(ep.own_hints());
     };
-    let Some(zone) = ep.zone.clone() else {
+    let Some(zone) = &ep.zone else {
         // The controller leaves endpoints without a zone unhinted, which turns hints off for
         // the whole service.
-        return Cow::Borrowed(&ep.hints);
+        return Cow::Borrowed(ep.own_hints());
     };
     let for_nodes = match (dist, &ep.node_name) {
-        (TrafficDistribution::PreferSameNode, Some(n)) => BTreeSet::from([n.clone()]),
+        (TrafficDistribution::PreferSameNode, Some(n)) => BTreeSet::from([n.to_string()]),
         _ => BTreeSet::new(),
     };
     Cow::Owned(EndpointHints {
-        for_zones: BTreeSet::from([zone]),
+        for_zones: BTreeSet::from([zone.to_string()]),
         for_nodes,
     })
 }

@@ -198,7 +198,7 @@ fn ipv6_and_dual_stack() {
     // No frontend ever reaches a backend of the other family.
     for (k, fe) in &run.desired.frontends {
         let v6_frontend = lb_common::addr::to_ip(&k.addr).is_ipv6();
-        for b in &run.desired.groups[&fe.group].backends {
+        for b in run.desired.groups[&fe.group].backends.iter() {
             assert_eq!(
                 b.addr.is_ipv6(),
                 v6_frontend,

@@ -75,7 +75,7 @@ impl Run {
     pub fn backends(&self, key: &SvcKey) -> Vec<(IpAddr, u16)> {
         let fe = self.frontend(key);
         let group = self.group(key);
-        for b in &group.backends {
+        for b in group.backends.iter() {
             assert_eq!(
                 b.protocol, fe.group.protocol,
                 "backend protocol follows the port"
