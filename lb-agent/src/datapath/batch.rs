@@ -50,12 +50,21 @@ pub fn update_one<K: aya::Pod, V: aya::Pod>(
         ..ElemAttr::default()
     };
     // SAFETY: `attr` points at a key and a value of the map's sizes that outlive the call.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }
+}
+
+/// The `bpf(2)` syscall with `attr` as its attribute union member.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` reads and writes through it.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the pointers inside `attr`; its size is passed along.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<A>(),
         )
     };
     if rc == 0 {
@@ -93,20 +102,12 @@ pub fn update<K: aya::Pod, V: aya::Pod>(
         };
         // SAFETY: `attr` points at `count` keys and values that outlive the call; the kernel
         // only reads them and writes `count` back.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
+        let rc = unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) };
         let done = (attr.count as usize).min(rest);
-        if rc == 0 {
+        let Err(err) = rc else {
             out.extend((0..rest).map(|_| Ok(())));
             break;
-        }
-        let err = std::io::Error::last_os_error();
+        };
         out.extend((0..done).map(|_| Ok(())));
         let unsupported = done == 0
             && start == 0
