@@ -1,11 +1,12 @@
 //! The agent's sync pipeline in-process (`cargo xtask bench`, section 4; root, bpffs).
 //!
 //! ```text
-//! cargo bench -p lb-agent --bench sync -- [--quick] [--configs N:K[,N:K...]] [--out FILE]
+//! cargo bench -p lb-agent --bench sync -- [--quick] [--configs N:K[,N:K...]]
+//!     [--change-seconds S] [--out FILE]
 //! ```
-//! Each configuration N:K is N services and K changes (default 1000:1000,10000:10; quick
-//! 1000:50): a change costs a few ms at 1k services but seconds at 10k, where the desired
-//! state is recomputed for every service.
+//! Each configuration N:K is N services and up to K changes, as many as fit in S seconds
+//! (default 1000:1000,10000:1000:prefill and 45 s; quick 1000:1000 and 10 s): the count
+//! measured is recorded, so a slow control plane costs the run its time box, not more.
 //! The library pipeline the agent runs on every change — `objects::inventory` +
 //! `model::desired_state` + `sync::Reconciler::apply` — against the real maps
 //! (`BpfDatapath::load`, pinned under a private `/sys/fs/bpf/kplb-bench-sync-<pid>` that is
@@ -46,6 +47,8 @@ struct Args {
     /// real maps, which skips ~10 ms of kernel RCU wait per table of the initial sync (measured
     /// by the configurations without it, and end to end by the lab bench).
     configs: Vec<(usize, usize, bool)>,
+    /// Time box of one configuration's changes.
+    change_budget: Duration,
     out: Option<PathBuf>,
 }
 
@@ -59,9 +62,9 @@ fn args() -> Args {
             .cloned()
     };
     let default = if quick {
-        "1000:50"
+        "1000:1000"
     } else {
-        "1000:1000,10000:20:prefill"
+        "1000:1000,10000:1000:prefill"
     };
     let configs = value("--configs")
         .unwrap_or_else(|| default.to_owned())
@@ -72,9 +75,13 @@ fn args() -> Args {
             Some((n, k, it.next() == Some("prefill")))
         })
         .collect();
+    let seconds = value("--change-seconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 10.0 } else { 45.0 });
     Args {
         quick,
         configs,
+        change_budget: Duration::from_secs_f64(seconds),
         out: value("--out").map(PathBuf::from),
     }
 }
@@ -233,7 +240,7 @@ fn main() {
     let mut results = Vec::new();
     for &(n, changes, prefill) in &a.configs {
         eprintln!("sync bench: {n} services, {changes} changes, prefill {prefill}");
-        results.push(run_config(n, changes, prefill));
+        results.push(run_config(n, changes, prefill, a.change_budget));
     }
     let result = json!({"quick": a.quick, "configs": results});
     println!("{result}");
@@ -271,7 +278,7 @@ impl Datapath for NoOp {
     }
 }
 
-fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
+fn run_config(n: usize, changes: usize, prefill: bool, change_budget: Duration) -> Value {
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/kplb-bench-sync-{}",
         std::process::id()
@@ -340,7 +347,8 @@ fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut change_ops = BTreeMap::new();
     let mut writes = 0usize;
-    for c in 0..changes {
+    let started = Instant::now();
+    for c in (0..changes).take_while(|_| started.elapsed() < change_budget) {
         slices[slot] = variants[c % 2].clone();
         let t0 = Instant::now();
         let inv = objects::inventory(services.iter(), slices.iter(), &mut |_| {});
@@ -367,8 +375,10 @@ fn run_config(n: usize, changes: usize, prefill: bool) -> Value {
         "yaml_parse_s": parse_s,
         "full_sync": full,
         "change": {
-            "count": changes,
-            "writes_per_change": writes as f64 / changes.max(1) as f64,
+            "count": tot_ms.len(),
+            "asked": changes,
+            "budget_s": change_budget.as_secs_f64(),
+            "writes_per_change": writes as f64 / tot_ms.len().max(1) as f64,
             "inventory_ms": dist(inv_ms),
             "desired_ms": dist(des_ms),
             "apply_ms": dist(app_ms),
