@@ -152,10 +152,9 @@ fn run(a: &Args) -> Result<Value> {
                     sizes: if a.quick {
                         vec![1, 1000]
                     } else {
-                        // 100k services do not fit the frontend map (65,536) and would
-                        // take ~17 min to sync: left out, with a note in the results.
-                        vec![1, 1000, 10_000]
+                        vec![1, 1000, 10_000, 100_000]
                     },
+                    sync_limit: std::time::Duration::from_secs(if a.quick { 60 } else { 120 }),
                 };
                 xdp::run(&cfg)
             }

@@ -18,10 +18,13 @@ pub const NODE: &str = "node1";
 /// Distinct dummy endpoint addresses.
 pub const ENDPOINT_POOL: usize = 200_000;
 
-/// ClusterIP of service `i`: the (i+1)-th address of 172.30.0.0/16.
+/// ClusterIP of service `i`: the (i+1)-th address of 172.30.0.0/15 (room for 131,071).
 pub fn vip(i: usize) -> Ipv4Addr {
-    let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
-    Ipv4Addr::from(0xac1e_0000 | (n & 0xffff))
+    assert!(
+        i < 0x1_ffff,
+        "service {i} has no ClusterIP in 172.30.0.0/15"
+    );
+    Ipv4Addr::from(0xac1e_0000 + i as u32 + 1)
 }
 
 /// The lab's real backend pods: 10.0.1.10 .. 10.0.1.19 on node1.
@@ -38,8 +41,13 @@ pub fn endpoint(n: usize, i: usize, j: usize) -> Ipv4Addr {
     if i + 1 == n {
         pod_ip(j)
     } else {
-        Ipv4Addr::from(0x0a80_0000 + ((i * ENDPOINTS + j) % ENDPOINT_POOL) as u32)
+        dummy_endpoint(i, j)
     }
+}
+
+/// Endpoint `j` of filler service `i`: an address nothing answers, never connected to.
+pub fn dummy_endpoint(i: usize, j: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a80_0000 + ((i * ENDPOINTS + j) % ENDPOINT_POOL) as u32)
 }
 
 pub fn name(i: usize) -> String {
@@ -124,6 +132,7 @@ mod tests {
     fn addresses() {
         assert_eq!(vip(0), Ipv4Addr::new(172, 30, 0, 1));
         assert_eq!(vip(29_999), Ipv4Addr::new(172, 30, 117, 48));
+        assert_eq!(vip(99_999), Ipv4Addr::new(172, 31, 134, 160));
         assert_eq!(endpoint(3, 2, 4), Ipv4Addr::new(10, 0, 1, 14));
         assert_eq!(endpoint(3, 1, 0), Ipv4Addr::new(10, 128, 0, 10));
         assert_eq!(chain_hash("a").len(), 16);
