@@ -4,11 +4,11 @@
 
 use std::fmt::Write as _;
 
-use crate::services::{self, ENDPOINTS, PORT, TARGET_PORT};
+use crate::services::{self, Cluster, ENDPOINTS, PORT, TARGET_PORT};
 
 const CLUSTER_CIDR: &str = "10.0.0.0/8";
 
-/// `iptables-restore` input for the nat table, services `0..n` (the measured one last):
+/// `iptables-restore` input for the nat table (the measured service last in KUBE-SERVICES):
 ///
 /// ```text
 /// PREROUTING/OUTPUT -> KUBE-SERVICES: one rule per service port, matched in order
@@ -18,7 +18,7 @@ const CLUSTER_CIDR: &str = "10.0.0.0/8";
 /// KUBE-SEP-<hash>: hairpin masquerade mark, then -j DNAT --to-destination ip:8080
 /// KUBE-SERVICES ends with the NodePort jump (addrtype LOCAL); POSTROUTING masquerades marked packets.
 /// ```
-pub fn iptables(n: usize) -> String {
+pub fn iptables(cluster: &Cluster) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
     let c = &mut chains;
@@ -42,7 +42,7 @@ pub fn iptables(n: usize) -> String {
          -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
          -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
     );
-    for i in 0..n {
+    for i in 0..cluster.services {
         let port_name = format!("default/{}:http", services::name(i));
         let vip = services::vip(i);
         let svc_chain = format!(
@@ -59,7 +59,7 @@ pub fn iptables(n: usize) -> String {
             "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {vip}/32 -p tcp -m comment --comment \"{port_name} cluster IP\" -m tcp --dport {PORT} -j KUBE-MARK-MASQ"
         );
         for j in 0..ENDPOINTS {
-            let ep = services::endpoint(n, i, j);
+            let ep = cluster.endpoint(i, j);
             let sep = format!(
                 "KUBE-SEP-{}",
                 services::chain_hash(&format!("{port_name}tcp{ep}:{TARGET_PORT}"))
@@ -119,15 +119,15 @@ const NFT_PART: usize = 10_000;
 /// So: the table, its base chains and map; then per part of [`NFT_PART`] services one
 /// transaction with the part's chains and one with its rules and map elements, the `numgen`
 /// rules first. The load time reported is the sum.
-pub fn nftables(n: usize) -> Vec<String> {
-    nftables_in_parts(n, NFT_PART)
+pub fn nftables(c: &Cluster) -> Vec<String> {
+    nftables_in_parts(c, NFT_PART)
 }
 
-fn nftables_in_parts(n: usize, part_size: usize) -> Vec<String> {
+fn nftables_in_parts(c: &Cluster, part_size: usize) -> Vec<String> {
     let mut out = vec![nft_base()];
-    for start in (0..n).step_by(part_size) {
-        let part: Vec<NftService> = (start..n.min(start + part_size))
-            .map(|i| NftService::new(n, i))
+    for start in (0..c.services).step_by(part_size) {
+        let part: Vec<NftService> = (start..c.services.min(start + part_size))
+            .map(|i| NftService::new(c, i))
             .collect();
         out.push(part.iter().map(NftService::chains).collect());
         let numgen: String = part.iter().map(NftService::numgen_rule).collect();
@@ -170,11 +170,11 @@ struct NftService {
 }
 
 impl NftService {
-    fn new(n: usize, i: usize) -> Self {
+    fn new(c: &Cluster, i: usize) -> Self {
         let port_name = format!("default/{}/tcp/http", services::name(i));
         let endpoints = (0..ENDPOINTS)
             .map(|j| {
-                let ep = services::endpoint(n, i, j);
+                let ep = c.endpoint(i, j);
                 let hash = services::chain_hash(&format!("{port_name}{ep}"));
                 (
                     ep,
@@ -239,13 +239,13 @@ impl NftService {
 /// `kube-ipvs0` (so the packet is local and reaches IPVS at LOCAL_IN), one virtual server per
 /// service port with the rr scheduler, and its 10 endpoints as masqueraded (NAT) real servers.
 /// Returns (`ip -batch` lines, `ipvsadm-restore` input).
-pub fn ipvs(n: usize) -> (Vec<String>, String) {
+pub fn ipvs(c: &Cluster) -> (Vec<String>, String) {
     let mut ip = vec![
         "link add kube-ipvs0 type dummy".to_owned(),
         "link set kube-ipvs0 up".to_owned(),
     ];
     let mut restore = String::new();
-    for i in 0..n {
+    for i in 0..c.services {
         let vip = services::vip(i);
         ip.push(format!("addr add {vip}/32 dev kube-ipvs0"));
         let _ = writeln!(restore, "-A -t {vip}:{PORT} -s rr");
@@ -253,7 +253,7 @@ pub fn ipvs(n: usize) -> (Vec<String>, String) {
             let _ = writeln!(
                 restore,
                 "-a -t {vip}:{PORT} -r {}:{TARGET_PORT} -m -w 1",
-                services::endpoint(n, i, j)
+                c.endpoint(i, j)
             );
         }
     }
@@ -266,18 +266,22 @@ mod tests {
 
     use super::*;
 
+    fn cluster(services: usize) -> Cluster {
+        Cluster { services, node: 1 }
+    }
+
     #[test]
     fn layouts_have_the_expected_sizes() {
-        let ipt = iptables(3);
+        let ipt = iptables(&cluster(3));
         assert_eq!(ipt.matches("-j DNAT").count(), 30);
         assert_eq!(ipt.matches("--probability").count(), 27);
         let last_svc = ipt.lines().rfind(|l| l.starts_with("-A KUBE-SERVICES -d"));
         assert!(last_svc.is_some_and(|l| l.contains("172.30.0.3/32")));
-        let nft = nftables(3).concat();
+        let nft = nftables(&cluster(3)).concat();
         assert_eq!(nft.matches("dnat to").count(), 30);
         assert_eq!(nft.matches("numgen random mod 10").count(), 3);
         assert_eq!(nft.matches("add element").count(), 3);
-        let (ip, restore) = ipvs(2);
+        let (ip, restore) = ipvs(&cluster(2));
         assert_eq!(ip.len(), 4);
         assert_eq!(restore.lines().count(), 22);
     }
@@ -300,7 +304,7 @@ mod tests {
 
     #[test]
     fn nft_transactions_create_chains_before_use_and_bind_anonymous_sets_first() {
-        let txs = nftables_in_parts(9, 4);
+        let txs = nftables_in_parts(&cluster(9), 4);
         assert_eq!(txs.len(), 1 + 2 * 3);
         let mut known: HashSet<&str> = HashSet::new();
         for (k, tx) in txs.iter().enumerate() {
@@ -329,7 +333,7 @@ mod tests {
 
     #[test]
     fn the_masquerade_rule_precedes_the_endpoint_choice() {
-        let rules = NftService::new(1, 0).rules();
+        let rules = NftService::new(&cluster(1), 0).rules();
         assert!(rules.contains("insert rule ip kube-proxy service-"));
         assert!(rules.contains("jump mark-for-masquerade"));
     }

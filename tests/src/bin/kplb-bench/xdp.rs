@@ -264,6 +264,7 @@ pub fn run(cfg: &Config) -> Result<Value> {
         manifests(&dir, n)?;
         let mut agent = RunningAgent::start(
             &lab,
+            1,
             &dir,
             &["--maglev-table-size", "251", "--xdp-mode", "native"],
         )?;
