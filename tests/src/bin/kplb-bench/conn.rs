@@ -232,6 +232,22 @@ impl Entry<'_> {
         eprintln!("kplb-bench: conn: {} at {}: {e}", self.dp, self.services);
         self.error = Some(e);
     }
+
+    /// Removes `l` completely, keeping the agent's last words and the time it took.
+    fn remove(&mut self, l: Loaded<'_>) {
+        let t = Instant::now();
+        if let Some(a) = &l.agent {
+            self.detail["agent_log_tail"] = json!(a.agent.log_tail(5));
+        }
+        if let Err(e) = l.remove() {
+            let what = format!("removing it: {e:#}");
+            match &mut self.error {
+                Some(first) => *first = format!("{first}; {what}"),
+                None => self.fail(what),
+            }
+        }
+        self.phases.teardown_s = t.elapsed().as_secs_f64();
+    }
 }
 
 /// All dataplanes at one size.
@@ -304,11 +320,7 @@ impl<'a> Size<'a> {
             entry.loaded = Some(loaded);
         } else {
             // Not measured: free its node now.
-            let t = Instant::now();
-            if let Err(e) = loaded.remove() {
-                eprintln!("kplb-bench: removing {dp}: {e:#}");
-            }
-            entry.phases.teardown_s = t.elapsed().as_secs_f64();
+            entry.remove(loaded);
         }
         entry
     }
@@ -414,14 +426,7 @@ impl<'a> Size<'a> {
             .into_iter()
             .map(|mut entry| {
                 if let Some(l) = entry.loaded.take() {
-                    let t = Instant::now();
-                    if let Some(a) = &l.agent {
-                        entry.detail["agent_log_tail"] = json!(a.agent.log_tail(3));
-                    }
-                    if let Err(e) = l.remove() {
-                        entry.fail(format!("removing {}: {e:#}", entry.dp));
-                    }
-                    entry.phases.teardown_s = t.elapsed().as_secs_f64();
+                    entry.remove(l);
                 }
                 entry.result()
             })
@@ -526,8 +531,8 @@ impl<'a> Loaded<'a> {
         Ok(json!({"restore_s": restore_s, "version": version.trim()}))
     }
 
-    /// The transactions of [`rules::nftables`] one after another; the deadline is checked
-    /// between them.
+    /// The transactions of [`rules::nftables`] one after another, each within what is left
+    /// of the deadline.
     fn load_nftables(&mut self, deadline: Instant) -> Result<Value> {
         let txs = rules::nftables(&self.cluster);
         let mut times = Vec::new();
@@ -536,7 +541,15 @@ impl<'a> Loaded<'a> {
             fs::write(&file, tx)?;
             let t = Instant::now();
             self.run_until(&["nft", "-f", path(&file)?], deadline)
-                .with_context(|| format!("transaction {} of {}", k + 1, txs.len()))?;
+                .with_context(|| {
+                    let before: Vec<String> = times.iter().map(|s| format!("{s:.1}")).collect();
+                    format!(
+                        "transaction {} of {} (those before took {} s)",
+                        k + 1,
+                        txs.len(),
+                        before.join(", ")
+                    )
+                })?;
             times.push(t.elapsed().as_secs_f64());
         }
         let version = self.run_until(&["nft", "--version"], deadline)?;
