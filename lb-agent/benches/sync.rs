@@ -5,7 +5,7 @@
 //!     [--change-seconds S] [--out FILE]
 //! ```
 //! Each configuration N:K is N services and up to K changes, as many as fit in S seconds
-//! (default 1000:1000,10000:1000:prefill and 45 s; quick 1000:1000 and 10 s): the count
+//! (default 1000:1000,10000:1000:prefill and 30 s; quick 1000:1000 and 10 s): the count
 //! measured is recorded, so a slow control plane costs the run its time box, not more.
 //! The library pipeline the agent runs on every change — `objects::inventory` +
 //! `model::desired_state` + `sync::Reconciler::apply` — against the real maps
@@ -77,7 +77,7 @@ fn args() -> Args {
         .collect();
     let seconds = value("--change-seconds")
         .and_then(|s| s.parse().ok())
-        .unwrap_or(if quick { 10.0 } else { 45.0 });
+        .unwrap_or(if quick { 10.0 } else { 30.0 });
     Args {
         quick,
         configs,

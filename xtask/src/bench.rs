@@ -534,19 +534,19 @@ mod report {
         (
             "in-process sync bench",
             Took::Step("sync_bench"),
-            1.5,
+            1.0,
             Some(0.3),
         ),
         (
             "1. XDP per-packet cost",
             Took::Section("xdp"),
-            3.0,
+            2.0,
             Some(0.5),
         ),
         (
             "2. ClusterIP (and 4. on kplb's agent)",
             Took::Section("conn"),
-            12.0,
+            13.0,
             Some(2.0),
         ),
         ("3. NodePort", Took::Section("nodeport"), 1.0, Some(0.5)),
@@ -560,13 +560,21 @@ mod report {
         let _ = writeln!(
             o,
             "The plan: a full run completes in under 30 minutes on a fresh 2-vCPU machine, the release build \
-             included (~11 minutes when nothing is built; another build sharing the VM makes it longer), and \
-             `--quick` in under 5 minutes once the binaries are built. Every long step is time-boxed so that a slow \
-             dataplane or agent costs at most its box and is reported with the time it took: a dataplane's load in \
-             section 2 (180 s per size; at 30k services kube-proxy's iptables and nftables layouts take 1–3 minutes \
-             each here), the agent's sync per size in section 1 (120 s), section 4's changes (60 s) and the \
-             in-process bench's changes (45 s per configuration). Section 4 runs on section 2's kplb agent, so its \
-             time is inside section 2's.\n"
+             included (~11 minutes when nothing is built; another build sharing the VM makes it longer) and half a \
+             minute for building xtask and checking the setup, and `--quick` in under 5 minutes once the binaries \
+             are built. The slow parts are time-boxed, so that a slow dataplane or agent costs at most its box and \
+             is reported with the time it took: in section 2 each dataplane's load gets {:.0} s and all loads of \
+             one size {:.0} s together (at 30k services kube-proxy's iptables and nftables layouts take 2–5 \
+             minutes each on this shared VM, most of it quadratic work in iptables-nft, nft and the kernel), in section 1 the \
+             agent's sync gets {:.0} s per size, section 4's changes {:.0} s and the in-process bench's {:.0} s per \
+             configuration. Section 4 runs on section 2's kplb agent, so its time is inside section 2's.\n",
+            num(&all["lab"]["conn"]["load_limit_s"]).unwrap_or(0.0),
+            2.0 * num(&all["lab"]["conn"]["load_limit_s"]).unwrap_or(0.0),
+            num(&all["lab"]["xdp"]["sync_limit_s"]).unwrap_or(0.0),
+            num(&all["lab"]["control"]["change_budget_s"]).unwrap_or(0.0),
+            all["sync"]["configs"][0]["change"]["budget_s"]
+                .as_f64()
+                .unwrap_or(0.0)
         );
         let _ = writeln!(o, "| step | plan (min) | this run (min) |\n|---|---:|---:|");
         for (name, took, full, quick_plan) in PLAN {
@@ -853,8 +861,8 @@ mod report {
              endpoints are unused addresses, distinct up to 200,000 (so at 30k services some are shared by two \
              services: kplb's backend map holds 262,144 entries, fewer than 300k distinct endpoints, and Kubernetes' \
              tested limit of 150k pods per cluster means such endpoints would share pods anyway). Per size, each \
-             dataplane is loaded once, within a time box of {:.0} s (one that does not load in time is reported with \
-             the time it took), and checked with 100 requests that must all succeed; then {} rounds run, each \
+             dataplane is loaded once, within a time box of {:.0} s (and all of a size's loads within twice that; one \
+             that does not load in time is reported with the time it took), and checked with 100 requests that must all succeed; then {} rounds run, each \
              measuring every dataplane once in a freshly shuffled order (recorded in the raw results), so that \
              changes in the shared machine's load spread over all dataplanes alike; then all are removed completely \
              (tables flushed, agent stopped and its pins removed). The table shows the median over rounds of each \

@@ -4,7 +4,8 @@
 //! Every dataplane has a lab node of its own (netns and cgroup) with its own 10 netexec
 //! backends (CPU 0) and client pod (CPU 1), so all of them can be loaded at the same time
 //! without any being on another's packet path. Per size: each dataplane is loaded once, within
-//! a time box (one that does not load in time is recorded as such, with the time), and checked
+//! a time box (`load_limit` each, twice that for all of a size's loads together; one that does
+//! not load in time is recorded as such, with the time), and checked
 //! (requests that must all reach the backends); then `runs` rounds, each running
 //! `kplb-connclient` once per dataplane in a freshly shuffled order, so that drifts in the
 //! machine's load spread over all dataplanes alike; then section 4 on kplb's agent where asked;
@@ -35,7 +36,8 @@ pub struct Config {
     pub count: usize,
     pub warmup: usize,
     pub client: PathBuf,
-    /// Longest a dataplane may take to load at one size.
+    /// Longest a dataplane may take to load at one size; all loads of one size together get
+    /// twice that (a slow one may use what faster ones left).
     pub load_limit: Duration,
     /// Results so far, rewritten after every step (a long run that is interrupted keeps what
     /// it measured).
@@ -263,14 +265,18 @@ impl<'a> Size<'a> {
             bl,
             entries: Vec::new(),
         };
+        let budget_end = Instant::now() + 2 * cfg.load_limit;
         for (k, &dp) in dataplanes.iter().enumerate() {
             let cluster = Cluster {
                 services: n,
                 node: k + 1,
             };
             let poll = cfg.control.as_ref().is_some_and(|c| c.services == n);
-            eprintln!("kplb-bench: conn: loading {dp} at {n} services");
-            let entry = size.load_entry(cfg, dp, cluster, poll);
+            let limit = cfg
+                .load_limit
+                .min(budget_end.saturating_duration_since(Instant::now()));
+            eprintln!("kplb-bench: conn: loading {dp} at {n} services (at most {limit:.0?})");
+            let entry = size.load_entry(cfg, dp, cluster, poll, limit);
             size.entries.push(entry);
         }
         // For development: look at the loaded dataplanes (`ip netns`, `nft list ruleset`).
@@ -281,7 +287,14 @@ impl<'a> Size<'a> {
         size
     }
 
-    fn load_entry(&self, cfg: &Config, dp: Dataplane, cluster: Cluster, poll: bool) -> Entry<'a> {
+    fn load_entry(
+        &self,
+        cfg: &Config,
+        dp: Dataplane,
+        cluster: Cluster,
+        poll: bool,
+        limit: Duration,
+    ) -> Entry<'a> {
         let mut entry = Entry {
             dp,
             services: cluster.services,
@@ -300,7 +313,7 @@ impl<'a> Size<'a> {
                 return entry;
             }
         };
-        let detail = loaded.load(t + cfg.load_limit, poll);
+        let detail = loaded.load(t + limit, poll);
         entry.phases.load_s = t.elapsed().as_secs_f64();
         let works = match detail {
             Ok(detail) => {
@@ -311,7 +324,7 @@ impl<'a> Size<'a> {
                 entry.fail(format!(
                     "did not load ({:.1} s of its {:.0} s): {e:#}",
                     entry.phases.load_s,
-                    cfg.load_limit.as_secs_f64()
+                    limit.as_secs_f64()
                 ));
                 false
             }
