@@ -1437,3 +1437,52 @@ mod report {
             .unwrap_or(10.0 * p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(dp: &str, p50: f64) -> Value {
+        json!({
+            "dataplane": dp,
+            "services": 100,
+            "load_s": 1.0,
+            "detail": {},
+            "runs": [{"p50_us": p50, "p99_us": 2.0 * p50, "conn_per_s": 1000.0}],
+            "phases": {"load_s": 1.0, "check_s": 0.1, "measure_s": 2.0, "teardown_s": 0.5},
+        })
+    }
+
+    #[test]
+    fn the_report_shows_rounds_failed_loads_with_their_time_and_the_run_time() {
+        let all = json!({
+            "machine": {"quick": false, "wall_s": 1200.0, "steps_s": {"build": 600.0}},
+            "lab": {
+                "conn": {
+                    "load_limit_s": 240.0,
+                    "rounds": {"100": [["kplb", "none"], ["none", "kplb"]]},
+                    "results": [
+                        measured("none", 100.0),
+                        measured("kplb", 105.0),
+                        {
+                            "dataplane": "nftables",
+                            "services": 100,
+                            "load_s": 240.1,
+                            "error": "did not load",
+                            "phases": {"load_s": 240.1, "teardown_s": 1.0},
+                        },
+                    ],
+                },
+                "xdp": {"wall_s": 30.0, "sync_limit_s": 90.0},
+            },
+        });
+        let md = report::markdown(&all, "");
+        assert!(md.contains("**100 services** (rounds: kplb → none; none → kplb)"));
+        assert!(md.contains("| kplb (socket LB) | 1.0 (sync 0.0) | 105 (105–105) |"));
+        assert!(md.contains("| kube-proxy nftables | 240.1 | error: did not load |"));
+        assert!(md.contains("| release build | 11.0 | 10.0 |"));
+        assert!(md.contains("| 1. XDP per-packet cost | 2.0 | 0.5 |"));
+        assert!(md.contains("| **total** | **< 30** | **20.0** |"));
+        assert!(md.contains("| 100 | nftables | 240.1 (failed) | – | – | 1.0 |"));
+    }
+}
