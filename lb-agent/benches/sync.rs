@@ -1,10 +1,12 @@
 //! The agent's sync pipeline in-process (`cargo xtask bench`, section 4; root, bpffs).
 //!
 //! ```text
-//! cargo bench -p lb-agent --bench sync -- [--quick] [--configs N:K[,N:K...]] [--out FILE]
+//! cargo bench -p lb-agent --bench sync -- [--quick] [--configs N:K[,N:K...]]
+//!     [--change-seconds S] [--out FILE]
 //! ```
-//! Each configuration N:K is N services and K changes (default 1000:1000,10000:1000; quick
-//! 1000:200).
+//! Each configuration N:K is N services and up to K changes, as many as fit in S seconds
+//! (default 1000:1000,10000:1000 and 30 s; quick 1000:1000 and 10 s): the count measured is
+//! recorded, so a slow control plane costs the run its time box, not more.
 //! The library pipeline the agent runs — the changed objects into `view::ClusterView`, the
 //! affected services' desired state recomputed, `sync::Reconciler::apply` on the keys that
 //! touched — against the real maps (`BpfDatapath::load`, pinned under a private
@@ -45,6 +47,8 @@ struct Args {
     quick: bool,
     /// (services, changes).
     configs: Vec<(usize, usize)>,
+    /// Time box of one configuration's changes.
+    change_budget: Duration,
     out: Option<PathBuf>,
 }
 
@@ -58,7 +62,7 @@ fn args() -> Args {
             .cloned()
     };
     let default = if quick {
-        "1000:200"
+        "1000:1000"
     } else {
         "1000:1000,10000:1000"
     };
@@ -70,9 +74,13 @@ fn args() -> Args {
             Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
         })
         .collect();
+    let seconds = value("--change-seconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 10.0 } else { 30.0 });
     Args {
         quick,
         configs,
+        change_budget: Duration::from_secs_f64(seconds),
         out: value("--out").map(PathBuf::from),
     }
 }
@@ -232,7 +240,7 @@ fn main() {
     let mut results = Vec::new();
     for &(n, changes) in &a.configs {
         eprintln!("sync bench: {n} services, {changes} changes");
-        results.push(run_config(n, changes));
+        results.push(run_config(n, changes, a.change_budget));
     }
     let result = json!({"quick": a.quick, "configs": results});
     println!("{result}");
@@ -245,7 +253,7 @@ fn main() {
     }
 }
 
-fn run_config(n: usize, changes: usize) -> Value {
+fn run_config(n: usize, changes: usize, change_budget: Duration) -> Value {
     let pins = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/kplb-bench-sync-{}",
         std::process::id()
@@ -315,7 +323,8 @@ fn run_config(n: usize, changes: usize) -> Value {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut change_ops = BTreeMap::new();
     let mut writes = 0usize;
-    for c in 0..changes {
+    let started = Instant::now();
+    for c in (0..changes).take_while(|_| started.elapsed() < change_budget) {
         let t0 = Instant::now();
         view.set_slice(&slice_key, Some(&variants[c % 2]), &mut |_| {});
         let t1 = Instant::now();
@@ -346,8 +355,10 @@ fn run_config(n: usize, changes: usize) -> Value {
         "yaml_parse_s": parse_s,
         "full_sync": full,
         "change": {
-            "count": changes,
-            "writes_per_change": writes as f64 / changes.max(1) as f64,
+            "count": tot_ms.len(),
+            "asked": changes,
+            "budget_s": change_budget.as_secs_f64(),
+            "writes_per_change": writes as f64 / tot_ms.len().max(1) as f64,
             "inventory_ms": dist(inv_ms),
             "desired_ms": dist(des_ms),
             "apply_ms": dist(app_ms),

@@ -117,6 +117,79 @@ fn read_json(path: &Path) -> Value {
         .unwrap_or_else(|| json!({"error": format!("no results in {}", path.display())}))
 }
 
+/// Wall time of each step of a run, printed as it ends and recorded in the results.
+#[derive(Default)]
+struct Steps(serde_json::Map<String, Value>);
+
+impl Steps {
+    fn time<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("xtask: step {name} took {secs:.0} s");
+        self.0.insert(name.into(), json!(secs));
+        r
+    }
+}
+
+struct Binaries {
+    agent: PathBuf,
+    lab_bench: PathBuf,
+    sync_bench: PathBuf,
+}
+
+fn build_binaries() -> Result<Binaries> {
+    let exes = build_release(&[
+        "build",
+        "--release",
+        "-p",
+        "lb-agent",
+        "-p",
+        "lb-tests",
+        "--bins",
+    ])?;
+    let sync_bench = find(
+        &build_release(&["bench", "-p", "lb-agent", "--bench", "sync", "--no-run"])?,
+        "sync",
+    )?;
+    // The Maglev bench is built here too, so its timed run does not compile.
+    build_release(&["bench", "-p", "lb-common", "--bench", "maglev", "--no-run"])?;
+    Ok(Binaries {
+        agent: find(&exes, "lb-agent")?,
+        lab_bench: find(&exes, "kplb-bench")?,
+        sync_bench,
+    })
+}
+
+/// `kplb-bench` (it pins its own processes: client CPU 1, backends CPU 0); a failure still
+/// leaves what it recorded.
+fn run_lab_bench(bins: &Binaries, args: &[&str]) {
+    let mut cmd = Command::new(&bins.lab_bench);
+    cmd.args(args).env("KPLB_AGENT_BIN", &bins.agent);
+    eprintln!("xtask: {cmd:?}");
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("xtask: kplb-bench exited with {s}; rendering what it recorded"),
+        Err(e) => eprintln!("xtask: kplb-bench: {e}"),
+    }
+}
+
+/// The Maglev bench's markdown report (it also rewrites `bench/maglev.md` in a full run).
+fn maglev_bench(quick: bool) -> Result<String> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1"])
+        .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args(["bench", "-p", "lb-common", "--bench", "maglev"])
+        .stderr(Stdio::inherit());
+    if quick {
+        cmd.args(["--", "--quick"]);
+    }
+    eprintln!("xtask: {cmd:?}");
+    let out = cmd.output().context("running the Maglev bench")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn run(quick: bool) -> Result<()> {
     // Re-render recorded raw results without measuring (for working on the report).
     if let Some(raw) = std::env::var_os("KPLB_BENCH_RENDER") {
@@ -148,23 +221,8 @@ pub fn run(quick: bool) -> Result<()> {
     }
     let started = Instant::now();
     let root = workspace_root();
-    let exes = build_release(&[
-        "build",
-        "--release",
-        "-p",
-        "lb-agent",
-        "-p",
-        "lb-tests",
-        "--bins",
-    ])?;
-    let agent = find(&exes, "lb-agent")?;
-    let lab_bench = find(&exes, "kplb-bench")?;
-    let sync_bench = find(
-        &build_release(&["bench", "-p", "lb-agent", "--bench", "sync", "--no-run"])?,
-        "sync",
-    )?;
-    // The Maglev bench is built here too, so its timed run below does not compile.
-    build_release(&["bench", "-p", "lb-common", "--bench", "maglev", "--no-run"])?;
+    let mut steps = Steps::default();
+    let bins = steps.time("build", build_binaries)?;
 
     let out_dir = if quick {
         root.join("target/bench")
@@ -201,42 +259,24 @@ pub fn run(quick: bool) -> Result<()> {
     let _ = std::fs::remove_file(&sync_json);
     let mut args = q.to_vec();
     args.extend(["--out", sync_json.to_str().context("path")?]);
-    if let Err(e) = run_pinned(&sync_bench, &args, &[]) {
-        eprintln!("xtask: sync bench: {e:#}");
-    }
+    steps.time("sync_bench", || {
+        if let Err(e) = run_pinned(&bins.sync_bench, &args, &[]) {
+            eprintln!("xtask: sync bench: {e:#}");
+        }
+    });
     let lab_json = scratch.join("lab.json");
     let _ = std::fs::remove_file(&lab_json);
     let mut args = q.to_vec();
     args.extend(["--out", lab_json.to_str().context("path")?]);
-    // kplb-bench pins its own processes (client CPU 1, backends CPU 0).
-    let mut cmd = Command::new(&lab_bench);
-    cmd.args(&args).env("KPLB_AGENT_BIN", &agent);
-    eprintln!("xtask: {cmd:?}");
-    match cmd.status() {
-        Ok(s) if s.success() => {}
-        Ok(s) => eprintln!("xtask: kplb-bench exited with {s}; rendering what it recorded"),
-        Err(e) => eprintln!("xtask: kplb-bench: {e}"),
-    }
-    let maglev = {
-        let mut cmd = Command::new("taskset");
-        cmd.args(["-c", "1"])
-            .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args(["bench", "-p", "lb-common", "--bench", "maglev"])
-            .stderr(Stdio::inherit());
-        if quick {
-            cmd.args(["--", "--quick"]);
-        }
-        eprintln!("xtask: {cmd:?}");
-        let out = cmd.output().context("running the Maglev bench")?;
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    steps.time("lab", || run_lab_bench(&bins, &args));
+    let maglev = steps.time("maglev", || maglev_bench(quick))?;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     let mut load: Vec<f64> = samples.lock().map(|s| s.clone()).unwrap_or_default();
     load.push(loadavg());
     machine["load"] = json!(load);
     machine["wall_s"] = json!(started.elapsed().as_secs_f64());
+    machine["steps_s"] = Value::Object(steps.0);
     machine["quick"] = json!(quick);
 
     let all = json!({
@@ -353,6 +393,28 @@ mod report {
         }
     }
 
+    /// The shuffled orders of a size's rounds, compactly: ` (rounds: kplb → none → …; …)`;
+    /// empty when not recorded.
+    fn rounds(orders: &Value) -> String {
+        let orders: Vec<String> = orders
+            .as_array()
+            .map(|rounds| {
+                rounds
+                    .iter()
+                    .filter_map(|r| r.as_array())
+                    .map(|r| {
+                        let dps: Vec<&str> = r.iter().filter_map(|v| v.as_str()).collect();
+                        dps.join(" → ")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if orders.is_empty() {
+            return String::new();
+        }
+        format!(" (rounds: {})", orders.join("; "))
+    }
+
     fn med(m: Option<(f64, f64, f64)>) -> Option<f64> {
         m.map(|(_, m, _)| m)
     }
@@ -431,6 +493,12 @@ mod report {
         conn(&mut o, &lab["conn"]);
         nodeport(&mut o, &lab["nodeport"]);
         control(&mut o, &lab["control"], sync, &configs);
+        maglev_section(&mut o, maglev, quick);
+        timing(&mut o, all);
+        o
+    }
+
+    fn maglev_section(o: &mut String, maglev: &str, quick: bool) {
         let _ = writeln!(o, "## 5. Maglev table builder\n");
         let _ = writeln!(
             o,
@@ -448,7 +516,119 @@ mod report {
                 let _ = writeln!(o, "{line}");
             }
         }
-        o
+    }
+
+    /// Where a step's time is recorded.
+    enum Took {
+        /// `machine.steps_s.<key>`, timed by xtask.
+        Step(&'static str),
+        /// `lab.<key>.wall_s`, timed by kplb-bench.
+        Section(&'static str),
+    }
+
+    /// The time plan in minutes on a 2-vCPU VM: a full run from a fresh checkout, a quick run
+    /// with the binaries built (`None`: not in its plan). kplb-bench's time boxes keep each
+    /// lab step within it.
+    const PLAN: [(&str, Took, f64, Option<f64>); 6] = [
+        ("release build", Took::Step("build"), 11.0, None),
+        (
+            "in-process sync bench",
+            Took::Step("sync_bench"),
+            1.0,
+            Some(0.3),
+        ),
+        (
+            "1. XDP per-packet cost",
+            Took::Section("xdp"),
+            2.0,
+            Some(0.5),
+        ),
+        (
+            "2. ClusterIP (and 4. on kplb's agent)",
+            Took::Section("conn"),
+            13.0,
+            Some(2.0),
+        ),
+        ("3. NodePort", Took::Section("nodeport"), 1.0, Some(0.5)),
+        ("5. Maglev", Took::Step("maglev"), 0.5, Some(0.2)),
+    ];
+
+    fn timing(o: &mut String, all: &Value) {
+        let m = &all["machine"];
+        let quick = m["quick"].as_bool().unwrap_or(false);
+        let _ = writeln!(o, "## 6. Run time\n");
+        let _ = writeln!(
+            o,
+            "The plan: a full run completes in under 30 minutes on a fresh 2-vCPU machine, the release build \
+             included (~11 minutes when nothing is built; another build sharing the VM makes it longer) and half a \
+             minute for building xtask and checking the setup, and `--quick` in under 5 minutes once the binaries \
+             are built. The slow parts are time-boxed, so that a slow dataplane or agent costs at most its box and \
+             is reported with the time it took: in section 2 each dataplane's load gets {:.0} s and all loads of \
+             one size {:.0} s together (at 30k services kube-proxy's iptables and nftables layouts take 2–5 \
+             minutes each on this shared VM, most of it quadratic work in iptables-nft, nft and the kernel), in section 1 the \
+             agent's sync gets {:.0} s per size, section 4's changes {:.0} s and the in-process bench's {:.0} s per \
+             configuration. Section 4 runs on section 2's kplb agent, so its time is inside section 2's.\n",
+            num(&all["lab"]["conn"]["load_limit_s"]).unwrap_or(0.0),
+            2.0 * num(&all["lab"]["conn"]["load_limit_s"]).unwrap_or(0.0),
+            num(&all["lab"]["xdp"]["sync_limit_s"]).unwrap_or(0.0),
+            num(&all["lab"]["control"]["change_budget_s"]).unwrap_or(0.0),
+            all["sync"]["configs"][0]["change"]["budget_s"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
+        let _ = writeln!(o, "| step | plan (min) | this run (min) |\n|---|---:|---:|");
+        for (name, took, full, quick_plan) in PLAN {
+            let secs = match took {
+                Took::Step(k) => num(&m["steps_s"][k]),
+                Took::Section(k) => num(&all["lab"][k]["wall_s"]),
+            };
+            let plan = if quick { quick_plan } else { Some(full) };
+            let _ = writeln!(
+                o,
+                "| {name} | {} | {} |",
+                plan.map_or("–".into(), |p| format!("{p:.1}")),
+                secs.map_or("–".into(), |s| format!("{:.1}", s / 60.0))
+            );
+        }
+        let _ = writeln!(
+            o,
+            "| **total** | **{}** | **{}** |\n",
+            if quick { "< 5" } else { "< 30" },
+            num(&m["wall_s"]).map_or("–".into(), |s| format!("{:.1}", s / 60.0))
+        );
+        conn_phases(o, &all["lab"]["conn"]);
+    }
+
+    /// Section 2's time per size and dataplane, by phase.
+    fn conn_phases(o: &mut String, c: &Value) {
+        let Some(results) = c["results"].as_array() else {
+            return;
+        };
+        let _ = writeln!(
+            o,
+            "Section 2 by size and dataplane (seconds; \"runs\" is the sum of its rounds):\n\n\
+             | services | dataplane | load | check | runs | teardown |\n|---:|---|---:|---:|---:|---:|"
+        );
+        for r in results {
+            let p = &r["phases"];
+            let s = |k: &str| num(&p[k]).map_or("–".into(), |v| format!("{v:.1}"));
+            let _ = writeln!(
+                o,
+                "| {} | {} | {}{} | {} | {} | {} |",
+                r["services"],
+                r["dataplane"].as_str().unwrap_or("?"),
+                s("load_s"),
+                if r["error"].is_string() {
+                    " (failed)"
+                } else {
+                    ""
+                },
+                s("check_s"),
+                s("measure_s"),
+                s("teardown_s")
+            );
+        }
+        let _ = writeln!(o);
     }
 
     /// Services, then kplb's p50, p99 and conn/s as ratios to no load balancer.
@@ -579,13 +759,17 @@ mod report {
             "Method: the program measured is the one the real agent attached to node1's eth0 (native mode), found \
              through the interface's program id, so maps and runtime configuration are what the agent wrote. One \
              NodePort service (TCP 80→8080, nodePort 30080) with 10 remote endpoints (node2's pod CIDR: SNAT, FIB \
-             lookup, XDP_TX), plus n−1 filler services (ClusterIP + external IP, 10 endpoints each), \
-             `--maglev-table-size 251`. Rewriting paths see their own output when `repeat` > 1, so each path runs \
+             lookup, XDP_TX), plus n−1 filler services, each a ClusterIP (172.30.0.0/15) and an external IP \
+             (198.18.0.0/15) on TCP 80 with 10 endpoints from a pool of 200,000 addresses, so the XDP path's lookups \
+             run against external frontends: 4 `KPLB_SVC` entries per filler (ClusterIP; the external IP in both \
+             scopes; its any-port marker), 400k at 100k services against the map's 524,288; \
+             `--maglev-table-size 251`; the agent's sync is boxed to {} s per size. Rewriting paths see their own output when `repeat` > 1, so each path runs \
              as {} calls with `repeat=1` (the input copied in afresh each call) on a thread in node1's netns with \
              an `xdp_md` whose ingress is eth0; the figure is the median kernel `duration` minus the median of a \
              hand-assembled XDP_PASS program measured the same way in the same run (the harness floor). New flow = a \
              TCP SYN from a new source port each call (conntrack miss, Maglev pick, two conntrack inserts, SNAT \
              port); established = the same ACK again (conntrack hit); not a service = node IP, port 22.\n",
+            num(&x["sync_limit_s"]).unwrap_or(0.0),
             x["calls"].as_u64().unwrap_or(0)
         );
         if let Some(e) = x["error"].as_str() {
@@ -644,13 +828,16 @@ mod report {
             if let Some(w) = r["paths"]["warning"].as_str() {
                 let _ = writeln!(o, "| {n} | warning | {w} | | | | |");
             }
+            let synced = &r["synced"];
+            if num(&synced["errors"]).is_some_and(|e| e > 0.0) {
+                let _ = writeln!(
+                    o,
+                    "| {n} | warning | the agent's sync reported {} map errors ({} frontends written) | | | | |",
+                    synced["errors"], synced["frontends"]
+                );
+            }
         }
-        let _ = writeln!(
-            o,
-            "\nSizes not in the table: 100k services do not fit kplb's frontend map (`MAX_SERVICES` = 65,536 entries; \
-             each filler service here needs two) and would take about 17 minutes to sync at the measured ~10 ms per \
-             Maglev table (section 4), so that row is left out of the run.\n"
-        );
+        let _ = writeln!(o);
     }
 
     fn conn(o: &mut String, c: &Value) {
@@ -664,35 +851,47 @@ mod report {
         }
         let _ = writeln!(
             o,
-            "Method: one lab node (network namespace) with 10 netexec backend pods (pinned to CPU 0) and a client pod; \
-             `kplb-connclient` runs inside the client pod's netns and cgroup (pinned to CPU 1) and makes {} requests \
-             after {} warm-up ones, each on a new connection (`connect`, `GET /hostname`, read to EOF, close with \
-             SO_LINGER 0), timing each with `Instant`. It runs {} times per configuration; the table shows the median \
-             over runs of each run's p50, p99 and connections per second, with min–max. Every dataplane is built from \
-             the same Services: n ClusterIP services (port 80 → 8080) with 10 endpoints each; the measured service is \
-             the last one (last in KUBE-SERVICES) and its endpoints are the 10 pods, all other endpoints are unused \
-             addresses, distinct up to 200,000 (so at 30k services some are shared by two services: kplb's backend \
-             map holds 262,144 entries, fewer than 300k distinct endpoints, and Kubernetes' tested limit of 150k \
-             pods per cluster means such endpoints would share pods anyway). Per size, the dataplanes run in a shuffled order (recorded in the raw results); each is \
-             loaded, checked with 100 requests that must all succeed, measured, then removed completely (tables flushed, \
-             agent stopped and its pins removed) before the next. Only one is ever active. Ratios are against \"no load \
-             balancer\" (straight to the pod IPs, round-robin, nothing installed) at the same size; the target is \
-             kplb within 5% (p50 and p99 ≤ ×1.05, conn/s ≥ ×0.95).\n",
-            c["count"], c["warmup"], c["runs"]
+            "Method: one lab node (network namespace) per dataplane, each with its own 10 netexec backend pods \
+             (pinned to CPU 0) and a client pod, so every dataplane can stay loaded while the others are measured \
+             without being on their packet path; `kplb-connclient` runs inside the client pod's netns and cgroup \
+             (pinned to CPU 1) and makes {} requests after {} warm-up ones, each on a new connection (`connect`, \
+             `GET /hostname`, read to EOF, close with SO_LINGER 0), timing each with `Instant`. Every dataplane is \
+             built from the same Services: n ClusterIP services (port 80 → 8080) with 10 endpoints each; the measured \
+             service is the last one (last in KUBE-SERVICES) and its endpoints are its node's 10 pods, all other \
+             endpoints are unused addresses, distinct up to 200,000 (so at 30k services some are shared by two \
+             services: kplb's backend map holds 262,144 entries, fewer than 300k distinct endpoints, and Kubernetes' \
+             tested limit of 150k pods per cluster means such endpoints would share pods anyway). Per size, each \
+             dataplane is loaded once, within a time box of {:.0} s (and all of a size's loads within twice that; one \
+             that does not load in time is reported with the time it took), and checked with 100 requests that must all succeed; then {} rounds run, each \
+             measuring every dataplane once in a freshly shuffled order (recorded in the raw results), so that \
+             changes in the shared machine's load spread over all dataplanes alike; then all are removed completely \
+             (tables flushed, agent stopped and its pins removed). The table shows the median over rounds of each \
+             run's p50, p99 and connections per second, with min–max. Ratios are against \"no load balancer\" \
+             (straight to the pod IPs, round-robin, nothing installed) at the same size; the target is kplb within 5% \
+             (p50 and p99 ≤ ×1.05, conn/s ≥ ×0.95).\n",
+            c["count"],
+            c["warmup"],
+            num(&c["load_limit_s"]).unwrap_or(0.0),
+            c["runs"]
         );
         let _ = writeln!(
             o,
             "- kplb: `lb-agent` in standalone mode with the n services' YAML (one multi-document file); the socket-level \
              hook rewrites `connect()`, so packets go straight to the pod. At the size section 4 uses, the agent \
-             runs with `--poll-interval-ms 10` and section 4 is measured on it after the connection runs.\n\
+             runs with `--poll-interval-ms 10` and section 4 is measured on it after the connection rounds.\n\
              - kube-proxy iptables: kube-proxy's nat-table layout, loaded with one `iptables-restore` (the system's \
              iptables, nf_tables backend): PREROUTING/OUTPUT → KUBE-SERVICES (one rule per service, matched in order) → \
              KUBE-SVC-* (`-m statistic --mode random --probability 1/(10-i)`) → KUBE-SEP-* (DNAT), masquerade chains.\n\
              - kube-proxy nftables: table `ip kube-proxy` with kube-proxy's layout: `ip daddr . meta l4proto . th dport \
              vmap @service-ips` → per-service chain with `numgen random mod 10 vmap` → per-endpoint chain (DNAT). \
-             Loaded with `nft -f` in several transactions (all chains, then rules, then the numgen rules in chunks): one \
-             transaction is quadratic on this kernel when rules name chains or anonymous sets created in the same \
-             transaction; the load time is the sum.\n\
+             kube-proxy writes its first sync as one transaction; here the same objects go in several `nft -f` \
+             transactions, because three costs of this kernel and nft 1.0 grow quadratically: every transaction that \
+             adds a rule or element makes `nft` fetch the table's chain list first (a kernel dump that restarts its \
+             walk per message batch: ~15 s at 30k services' 330k chains), binding each anonymous set (the `numgen` \
+             vmaps) walks the transaction built so far, and creating each walks every set of the table. So: per \
+             10,000 services one transaction of chains alone (needs no cache) and one of their rules and map \
+             elements with the `numgen` rules first; the last cost is inherent in the layout (kube-proxy pays it \
+             too). The load time is the sum.\n\
              - kube-proxy IPVS: `ipvsadm-restore` with one virtual server per service (rr, 10 masqueraded real servers) \
              and the VIPs on a dummy `kube-ipvs0`.\n"
         );
@@ -720,15 +919,8 @@ mod report {
                 .find(|r| r.services == n && r.dataplane == "none");
             let _ = writeln!(
                 o,
-                "**{n} services** (order: {})\n\n| dataplane | load (s) | p50 µs | p99 µs | conn/s | p50 × | p99 × | conn/s × |\n|---|---:|---:|---:|---:|---:|---:|---:|",
-                c["order"][n.to_string()]
-                    .as_array()
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|v| v.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" → "))
-                    .unwrap_or_default()
+                "**{n} services**{}\n\n| dataplane | load (s) | p50 µs | p99 µs | conn/s | p50 × | p99 × | conn/s × |\n|---|---:|---:|---:|---:|---:|---:|---:|",
+                rounds(&c["rounds"][n.to_string()])
             );
             for dp in ORDER {
                 let Some(r) = rows.iter().find(|r| r.services == n && r.dataplane == dp) else {
@@ -737,8 +929,9 @@ mod report {
                 if let Some(e) = &r.error {
                     let _ = writeln!(
                         o,
-                        "| {} | | error: {} | | | | | |",
+                        "| {} | {} | error: {} | | | | | |",
                         label(dp),
+                        r.load_s.map_or("–".into(), |l| format!("{l:.1}")),
                         e.replace('|', "/").replace('\n', " ")
                     );
                     continue;
@@ -853,11 +1046,12 @@ mod report {
         let _ = writeln!(o, "## 4. Control plane\n");
         let _ = writeln!(
             o,
-            "End to end through the real agent ({} services × 10 endpoints, standalone mode, `--poll-interval-ms {}`; \
-             the measured service's Service and EndpointSlice sit in their own small file, the rest in one \
-             multi-document file). In process: `lb-agent/benches/sync.rs` runs the library pipeline the agent runs \
-             on every change (`objects::inventory` + `model::desired_state` + `sync::Reconciler::apply`) against real \
-             pinned maps (`BpfDatapath::load`), timing every map operation by kind.\n",
+            "End to end through the real agent ({} services × 10 endpoints, standalone mode, `--poll-interval-ms {}`: \
+             polling plays no part, changes are noticed through inotify; the measured service's Service and \
+             EndpointSlice sit in their own small file, the rest in one multi-document file). In process: \
+             `lb-agent/benches/sync.rs` runs the library pipeline the agent runs (the changed objects into \
+             `view::ClusterView`, the affected services' desired state, `sync::Reconciler::apply` on the touched \
+             keys) against real pinned maps (`BpfDatapath::load`), timing every map operation by kind.\n",
             c["services"], c["poll_interval_ms"]
         );
         if let Some(e) = c["error"].as_str() {
@@ -888,28 +1082,26 @@ mod report {
                 s["errors"]
             );
         }
-        // The full-sync breakdown comes from the largest configuration whose first sync wrote
-        // the real maps (a `prefill` one populated them through a no-op datapath).
+        // The full-sync breakdown comes from the largest configuration.
         let full_cfg = configs
             .iter()
-            .filter(|c| {
-                !c["full_sync"]["prefill_noop_datapath"]
-                    .as_bool()
-                    .unwrap_or(false)
-            })
             .max_by_key(|c| c["services"].as_u64().unwrap_or(0))
             .unwrap_or(sync);
         let f = &full_cfg["full_sync"];
         if f.is_object() {
             let _ = writeln!(
                 o,
-                "\nIn process, {} services: inventory {:.1} ms, desired state {:.1} ms, apply {:.1} ms (YAML parse of \
-                 the objects, not part of a sync: {:.2} s). Map operations during that apply:\n",
+                "\nIn process, {} services: objects into the view {:.1} ms, desired state {:.1} ms, apply {:.1} ms \
+                 (YAML parse of the objects, not part of a sync: {:.2} s); {} Maglev slabs, {} of {} slots used. Map \
+                 operations during that apply:\n",
                 full_cfg["services"],
                 num(&f["inventory_ms"]).unwrap_or(0.0),
                 num(&f["desired_ms"]).unwrap_or(0.0),
                 num(&f["apply_ms"]).unwrap_or(0.0),
-                num(&full_cfg["yaml_parse_s"]).unwrap_or(0.0)
+                num(&full_cfg["yaml_parse_s"]).unwrap_or(0.0),
+                f["table_slabs"],
+                f["table_slots_used"],
+                f["table_slots"]
             );
             let _ = writeln!(
                 o,
@@ -928,29 +1120,14 @@ mod report {
             }
             let _ = writeln!(
                 o,
-                "\n`set_table` creates a Maglev table (a {}-slot mmapable array), fills it and swaps it into the \
-                 hash-of-maps `KPLB_MAGLEV`. Every update of a map-in-map from userspace waits for an RCU grace period \
-                 in the kernel (`maybe_wait_bpf_programs` → `synchronize_rcu`, so that no program still uses the old \
-                 inner map when the syscall returns): that wait, not the table build, is the ~10 ms per service. \
-                 A full sync pays it once per service port; `BPF_MAP_UPDATE_BATCH` on the outer map waits once per \
-                 batch and is the obvious fix for the initial sync.\n",
-                full_cfg["maglev_table_size"]
+                "\nA table is written into free space of an mmapable slab (`write_tables`: space for the whole \
+                 batch reserved first, each slab mapped once) and a frontend is repointed with one hash update, so no \
+                 map-in-map write (each of which waits for an RCU grace period, ~10 ms) happens per table; backends go \
+                 in with one `BPF_MAP_UPDATE_BATCH` (`set_backends`). These services have no external frontends, so \
+                 their tables get ~100 slots per backend ({} for 10) rather than the {}-slot default of tables XDP \
+                 reads.\n",
+                1021, full_cfg["maglev_table_size"]
             );
-        }
-        for cfg in configs {
-            if cfg["full_sync"]["prefill_noop_datapath"]
-                .as_bool()
-                .unwrap_or(false)
-            {
-                let _ = writeln!(
-                    o,
-                    "At {} services the in-process bench populates the reconciler through a no-op datapath (the first \
-                     sync's desired state took {:.0} ms; its map cost is the per-table figure above times the tables, \
-                     and is measured end to end below) and then times the changes against the real maps.\n",
-                    cfg["services"],
-                    num(&cfg["full_sync"]["desired_ms"]).unwrap_or(0.0)
-                );
-            }
         }
         let _ = writeln!(o, "### One EndpointSlice change\n");
         let _ = writeln!(
@@ -974,12 +1151,12 @@ mod report {
             let n = &cfg["services"];
             row(
                 o,
-                format!("in process, {n} services: inventory (all objects)"),
+                format!("in process, {n} services: the changed slice into the view"),
                 &ch["inventory_ms"],
             );
             row(
                 o,
-                format!("in process, {n} services: desired state (all services)"),
+                format!("in process, {n} services: its service's desired state"),
                 &ch["desired_ms"],
             );
             row(
@@ -1012,19 +1189,17 @@ mod report {
         let _ = writeln!(
             o,
             "\nIn process: one service alternates between 10 and 9 endpoints (one new Maglev table, one frontend \
-             rewrite, {:.1} map writes per change); the change count is smaller at 10k services because each change \
-             takes seconds there. End to end: the file is written to a dot-file and renamed into place, and the \
-             pinned `KPLB_SVC` is polled every 0.1 ms until the service's `backend_count` changes (the agent checks \
-             the directory every {} ms, so up to that much of each figure is waiting for the next poll). Every change \
-             recomputes the inventory and the desired state of all services; `model::desired_state` collects each \
-             service's endpoints by scanning every EndpointSlice (`inv.slices.values().filter(|s| s.service == \
-             svc.id)` in `port_endpoints`), which is quadratic in the number of services: ~{:.0} ms at {} services. \
-             Indexing the slices by service once per sync makes it linear. The map work of a change is one table \
-             swap (one RCU grace period, ~10 ms).\n",
+             rewrite, {:.1} map writes per change), up to {} changes or as many as fit in {:.0} s per configuration \
+             (the count measured is in the table). End to end: up to {} changes or as many as fit in {:.0} s; each \
+             rewrites the measured service's small file through a dot-file renamed into place, and the pinned \
+             `KPLB_SVC` is polled every 0.1 ms until the service's `backend_count` changes (the agent was started \
+             with `--poll-interval-ms {}`, so it notices the rename through inotify, not by polling).\n",
             num(&sync["change"]["writes_per_change"]).unwrap_or(0.0),
-            c["poll_interval_ms"],
-            num(&sync["change"]["desired_ms"]["p50"]).unwrap_or(0.0),
-            sync["services"]
+            sync["change"]["asked"],
+            num(&sync["change"]["budget_s"]).unwrap_or(0.0),
+            c["changes_asked"],
+            num(&c["change_budget_s"]).unwrap_or(0.0),
+            c["poll_interval_ms"]
         );
         let _ = writeln!(o, "### Memory at {} services\n", c["services"]);
         let kib = |v: &Value| num(v).map_or("–".into(), |k| format!("{:.1} MB", k / 1024.0));
@@ -1244,5 +1419,54 @@ mod report {
             .map(|m| m * p)
             .find(|&c| c >= v)
             .unwrap_or(10.0 * p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(dp: &str, p50: f64) -> Value {
+        json!({
+            "dataplane": dp,
+            "services": 100,
+            "load_s": 1.0,
+            "detail": {},
+            "runs": [{"p50_us": p50, "p99_us": 2.0 * p50, "conn_per_s": 1000.0}],
+            "phases": {"load_s": 1.0, "check_s": 0.1, "measure_s": 2.0, "teardown_s": 0.5},
+        })
+    }
+
+    #[test]
+    fn the_report_shows_rounds_failed_loads_with_their_time_and_the_run_time() {
+        let all = json!({
+            "machine": {"quick": false, "wall_s": 1200.0, "steps_s": {"build": 600.0}},
+            "lab": {
+                "conn": {
+                    "load_limit_s": 240.0,
+                    "rounds": {"100": [["kplb", "none"], ["none", "kplb"]]},
+                    "results": [
+                        measured("none", 100.0),
+                        measured("kplb", 105.0),
+                        {
+                            "dataplane": "nftables",
+                            "services": 100,
+                            "load_s": 240.1,
+                            "error": "did not load",
+                            "phases": {"load_s": 240.1, "teardown_s": 1.0},
+                        },
+                    ],
+                },
+                "xdp": {"wall_s": 30.0, "sync_limit_s": 90.0},
+            },
+        });
+        let md = report::markdown(&all, "");
+        assert!(md.contains("**100 services** (rounds: kplb → none; none → kplb)"));
+        assert!(md.contains("| kplb (socket LB) | 1.0 (sync 0.0) | 105 (105–105) |"));
+        assert!(md.contains("| kube-proxy nftables | 240.1 | error: did not load |"));
+        assert!(md.contains("| release build | 11.0 | 10.0 |"));
+        assert!(md.contains("| 1. XDP per-packet cost | 2.0 | 0.5 |"));
+        assert!(md.contains("| **total** | **< 30** | **20.0** |"));
+        assert!(md.contains("| 100 | nftables | 240.1 (failed) | – | – | 1.0 |"));
     }
 }

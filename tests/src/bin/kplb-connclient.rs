@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! kplb-connclient --targets IP:PORT[,IP:PORT...] --count N [--warmup W] [--cpu C] [--timeout-ms T]
+//!                 [--max-errors E]
 //! ```
 //! One new TCP connection per request, one request after another: `socket`, `connect`, send
 //! `GET /hostname HTTP/1.0`, read to EOF, close with `SO_LINGER 0` (a RST, so tens of thousands
@@ -10,6 +11,8 @@
 //! `Instant`; `--warmup` requests run first and are not recorded. Prints one JSON line:
 //! `{"count","errors","elapsed_s","conn_per_s","p50_us","p90_us","p99_us","max_us","bodies"}`,
 //! where `bodies` counts distinct response bodies (netexec answers its pod name).
+//! `--max-errors` stops after that many failed requests (a check that must all succeed fails
+//! at once instead of waiting out every timeout).
 //!
 //! Run it inside a pod's netns and cgroup (`Lab::command`) so the socket-level load balancer
 //! sees its `connect()`.
@@ -29,6 +32,7 @@ struct Args {
     warmup: usize,
     cpu: Option<usize>,
     timeout: Duration,
+    max_errors: Option<usize>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -38,6 +42,7 @@ fn parse() -> Result<Args, String> {
         warmup: 100,
         cpu: None,
         timeout: Duration::from_secs(2),
+        max_errors: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -59,6 +64,7 @@ fn parse() -> Result<Args, String> {
             "--warmup" => a.warmup = num()?,
             "--cpu" => a.cpu = Some(num()?),
             "--timeout-ms" => a.timeout = Duration::from_millis(num()? as u64),
+            "--max-errors" => a.max_errors = Some(num()?),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -143,6 +149,9 @@ fn main() -> ExitCode {
                 errors += 1;
                 if first_error.is_empty() {
                     first_error = e.to_string();
+                }
+                if a.max_errors.is_some_and(|max| errors >= max) {
+                    break;
                 }
             }
         }

@@ -1,11 +1,16 @@
 //! Section 2: connection rate and latency through a ClusterIP, a new TCP connection per
 //! request, for each dataplane at each service count.
 //!
-//! Per size, the dataplanes run in a shuffled order; each is set up from the same synthetic
-//! Services, checked (a sanity run must reach the backends), measured `runs` times with
-//! `kplb-connclient` in the client pod (pinned to CPU 1, backends on CPU 0), then removed
-//! completely before the next one starts. "none" connects straight to the 10 pod IPs
-//! round-robin: nothing installed at all.
+//! Every dataplane has a lab node of its own (netns and cgroup) with its own 10 netexec
+//! backends (CPU 0) and client pod (CPU 1), so all of them can be loaded at the same time
+//! without any being on another's packet path. Per size: each dataplane is loaded once, within
+//! a time box (`load_limit` each, twice that for all of a size's loads together; one that does
+//! not load in time is recorded as such, with the time), and checked
+//! (requests that must all reach the backends); then `runs` rounds, each running
+//! `kplb-connclient` once per dataplane in a freshly shuffled order, so that drifts in the
+//! machine's load spread over all dataplanes alike; then section 4 on kplb's agent where asked;
+//! then every dataplane is removed completely. "none" connects straight to its node's 10 pod
+//! IPs round-robin: nothing installed at all.
 
 use std::{
     fmt, fs,
@@ -19,9 +24,9 @@ use serde_json::{Value, json};
 
 use crate::{
     control,
-    lab::{BenchLab, RunningAgent},
+    lab::{BenchLab, NODE, Requests, RunningAgent, node_name},
     rules,
-    services::{self, ENDPOINTS, PORT, TARGET_PORT},
+    services::{self, Cluster, ENDPOINTS, PORT, TARGET_PORT},
     stats::Rng,
 };
 
@@ -31,12 +36,14 @@ pub struct Config {
     pub count: usize,
     pub warmup: usize,
     pub client: PathBuf,
-    /// Results so far, rewritten after every measurement (a long run that is interrupted
-    /// keeps what it measured).
+    /// Longest a dataplane may take to load at one size; all loads of one size together get
+    /// twice that (a slow one may use what faster ones left).
+    pub load_limit: Duration,
+    /// Results so far, rewritten after every step (a long run that is interrupted keeps what
+    /// it measured).
     pub partial: PathBuf,
-    /// Section 4 on kplb's agent at this size, after its connection runs (the cold start is
-    /// the one measured here): (services, changes).
-    pub control: Option<(usize, usize)>,
+    /// Section 4 on kplb's agent at its size, after the connection rounds.
+    pub control: Option<control::Config>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,18 +67,65 @@ impl fmt::Display for Dataplane {
     }
 }
 
-const LOAD_LIMIT: Duration = Duration::from_secs(900);
 const SANITY_REQUESTS: usize = 100;
+/// Removing a dataplane (flushing 30k services' rules takes seconds).
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(300);
 
 /// The connection results, and section 4's when `cfg.control` asked for it.
 pub fn run(cfg: &Config, rng: &mut Rng) -> Result<(Value, Option<Value>)> {
-    let bl = BenchLab::new(true)?;
+    let (dataplanes, skipped) = available_dataplanes()?;
+    let bl = BenchLab::with_pods(dataplanes.len())?;
+    let mut results = Vec::new();
+    let mut rounds = serde_json::Map::new();
+    let mut control = None;
+    for &n in &cfg.sizes {
+        let mut size = Size::load(&bl, cfg, &dataplanes, n);
+        save_partial(cfg, &results, &size.entries);
+        rounds.insert(n.to_string(), json!(size.measure(cfg, rng)));
+        if let Some(c) = cfg.control.as_ref().filter(|c| c.services == n) {
+            control = Some(size.control(c, rng));
+        }
+        results.extend(size.teardown());
+        save_partial(cfg, &results, &[]);
+    }
+    Ok((
+        json!({
+            "sizes": cfg.sizes,
+            "runs": cfg.runs,
+            "count": cfg.count,
+            "warmup": cfg.warmup,
+            "endpoints": ENDPOINTS,
+            "load_limit_s": cfg.load_limit.as_secs_f64(),
+            "dataplanes": dataplanes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "rounds": rounds,
+            "skipped": skipped,
+            "results": results,
+        }),
+        control,
+    ))
+}
+
+fn save_partial(cfg: &Config, done: &[Value], current: &[Entry<'_>]) {
+    let results: Vec<Value> = done
+        .iter()
+        .cloned()
+        .chain(current.iter().map(Entry::result))
+        .collect();
+    let partial = json!({ "results": results });
+    if let Err(e) = fs::write(&cfg.partial, partial.to_string()) {
+        eprintln!("kplb-bench: writing {}: {e}", cfg.partial.display());
+    }
+}
+
+/// The dataplanes this machine has (probed in a scratch lab), and why the others are skipped.
+fn available_dataplanes() -> Result<(Vec<Dataplane>, serde_json::Map<String, Value>)> {
+    let probe = BenchLab::new_nodes(1)?;
     let mut available = vec![Dataplane::None, Dataplane::Kplb];
     let mut skipped = serde_json::Map::new();
     for (dp, why) in [
-        (Dataplane::Iptables, check_iptables(&bl)),
-        (Dataplane::Nftables, check_nft(&bl)),
-        (Dataplane::Ipvs, check_ipvs(&bl)),
+        (Dataplane::Iptables, check_iptables(&probe)),
+        (Dataplane::Nftables, check_nft(&probe)),
+        (Dataplane::Ipvs, check_ipvs(&probe)),
     ] {
         match why {
             Ok(()) => available.push(dp),
@@ -85,84 +139,453 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<(Value, Option<Value>)> {
     if let Ok(only) = std::env::var("KPLB_BENCH_DATAPLANES") {
         available.retain(|dp| only.split(',').any(|o| o == dp.to_string()));
     }
-    let mut results = Vec::new();
-    let mut control = None;
-    let mut orders = serde_json::Map::new();
-    for &n in &cfg.sizes {
-        let mut order = available.clone();
-        rng.shuffle(&mut order);
-        orders.insert(
-            n.to_string(),
-            json!(order.iter().map(ToString::to_string).collect::<Vec<_>>()),
-        );
-        for dp in order {
-            eprintln!("kplb-bench: conn: {dp} at {n} services");
-            let res = measure(&bl, cfg, dp, n, rng, &mut control).unwrap_or_else(|e| {
-                eprintln!("kplb-bench: conn: {dp} at {n}: {e:#}");
-                json!({"dataplane": dp.to_string(), "services": n, "error": format!("{e:#}")})
-            });
-            results.push(res);
-            let partial = json!({"results": results, "order": orders, "control": control});
-            if let Err(e) = fs::write(&cfg.partial, partial.to_string()) {
-                eprintln!("kplb-bench: writing {}: {e}", cfg.partial.display());
-            }
-        }
-    }
-    Ok((
-        json!({
-            "sizes": cfg.sizes,
-            "runs": cfg.runs,
-            "count": cfg.count,
-            "warmup": cfg.warmup,
-            "endpoints": ENDPOINTS,
-            "order": orders,
-            "skipped": skipped,
-            "results": results,
-        }),
-        control,
-    ))
+    Ok((available, skipped))
 }
 
 fn check_iptables(bl: &BenchLab) -> std::result::Result<(), String> {
-    bl.node_probe(&["iptables-restore", "--version"])?;
-    bl.node_probe(&["iptables", "-t", "nat", "-L", "-n"])
+    bl.node_probe(NODE, &["iptables-restore", "--version"])?;
+    bl.node_probe(NODE, &["iptables", "-t", "nat", "-L", "-n"])
 }
 
 fn check_nft(bl: &BenchLab) -> std::result::Result<(), String> {
-    bl.node_probe(&["nft", "--version"])?;
-    bl.node_probe(&["nft", "list", "ruleset"])
+    bl.node_probe(NODE, &["nft", "--version"])?;
+    bl.node_probe(NODE, &["nft", "list", "ruleset"])
 }
 
 fn check_ipvs(bl: &BenchLab) -> std::result::Result<(), String> {
-    let kernel = "the kernel has no IPVS (no /proc/net/ip_vs; CONFIG_IP_VS is not set here)";
-    let has_ipvs = bl.node_probe(&["test", "-e", "/proc/net/ip_vs"]).is_ok();
-    bl.node_probe(&["ipvsadm", "-Ln"]).map_err(|e| {
-        if has_ipvs {
-            e
-        } else {
-            format!("{kernel}; {e}")
-        }
-    })?;
-    bl.node_probe(&["ip", "link", "add", "kbench-probe", "type", "dummy"])
-        .map_err(|e| {
-            format!("{e} (kube-proxy's ipvs mode needs a dummy interface for the VIPs)")
-        })?;
-    bl.node_probe(&["ip", "link", "del", "kbench-probe"])
+    // Loads the module where IPVS is one; the outcome shows in /proc/net/ip_vs.
+    let modprobe = match bl.node_probe(NODE, &["modprobe", "ip_vs"]) {
+        Ok(()) => "`modprobe ip_vs` succeeded",
+        Err(e) if e.contains("spawning") => "there is no modprobe",
+        Err(_) => "`modprobe ip_vs` failed",
+    };
+    if bl
+        .node_probe(NODE, &["test", "-e", "/proc/net/ip_vs"])
+        .is_err()
+    {
+        let config = bl
+            .node_probe(
+                NODE,
+                &[
+                    "sh",
+                    "-c",
+                    "zcat /proc/config.gz | grep -qx '# CONFIG_IP_VS is not set'",
+                ],
+            )
+            .map_or("", |()| "; /proc/config.gz: CONFIG_IP_VS is not set");
+        return Err(format!(
+            "the kernel has no IPVS: /proc/net/ip_vs is missing ({modprobe}{config})"
+        ));
+    }
+    bl.node_probe(NODE, &["ipvsadm", "-Ln"])?;
+    bl.node_probe(
+        NODE,
+        &["ip", "link", "add", "kbench-probe", "type", "dummy"],
+    )
+    .map_err(|e| format!("{e} (kube-proxy's ipvs mode needs a dummy interface for the VIPs)"))?;
+    bl.node_probe(NODE, &["ip", "link", "del", "kbench-probe"])
 }
 
-/// Removes a dataplane's state when dropped, also when measuring failed half way.
-struct Teardown<'a> {
+/// Seconds spent in each phase of one dataplane at one size.
+#[derive(Default)]
+struct Phases {
+    load_s: f64,
+    check_s: f64,
+    measure_s: f64,
+    teardown_s: f64,
+}
+
+/// One dataplane at one size: what it loaded, its runs, or why it has none.
+struct Entry<'a> {
+    dp: Dataplane,
+    services: usize,
+    loaded: Option<Loaded<'a>>,
+    detail: Value,
+    sanity: Value,
+    runs: Vec<Value>,
+    error: Option<String>,
+    phases: Phases,
+}
+
+impl Entry<'_> {
+    fn result(&self) -> Value {
+        let p = &self.phases;
+        let mut r = json!({
+            "dataplane": self.dp.to_string(),
+            "services": self.services,
+            "load_s": (self.dp != Dataplane::None).then_some(p.load_s),
+            "detail": self.detail,
+            "sanity": self.sanity,
+            "runs": self.runs,
+            "phases": {
+                "load_s": p.load_s,
+                "check_s": p.check_s,
+                "measure_s": p.measure_s,
+                "teardown_s": p.teardown_s,
+            },
+        });
+        if let Some(e) = &self.error {
+            r["error"] = json!(e);
+        }
+        r
+    }
+
+    fn fail(&mut self, e: String) {
+        eprintln!("kplb-bench: conn: {} at {}: {e}", self.dp, self.services);
+        self.error = Some(e);
+    }
+
+    /// Removes `l` completely, keeping the agent's last words and the time it took.
+    fn remove(&mut self, l: Loaded<'_>) {
+        let t = Instant::now();
+        if let Some(a) = &l.agent {
+            self.detail["agent_log_tail"] = json!(a.agent.log_tail(5));
+        }
+        if let Err(e) = l.remove() {
+            let what = format!("removing it: {e:#}");
+            match &mut self.error {
+                Some(first) => *first = format!("{first}; {what}"),
+                None => self.fail(what),
+            }
+        }
+        self.phases.teardown_s = t.elapsed().as_secs_f64();
+    }
+}
+
+/// All dataplanes at one size.
+struct Size<'a> {
+    bl: &'a BenchLab,
+    entries: Vec<Entry<'a>>,
+}
+
+impl<'a> Size<'a> {
+    /// Loads and checks every dataplane; failures are recorded in their entries.
+    fn load(bl: &'a BenchLab, cfg: &Config, dataplanes: &[Dataplane], n: usize) -> Self {
+        let mut size = Self {
+            bl,
+            entries: Vec::new(),
+        };
+        let budget_end = Instant::now() + 2 * cfg.load_limit;
+        for (k, &dp) in dataplanes.iter().enumerate() {
+            let cluster = Cluster {
+                services: n,
+                node: k + 1,
+            };
+            let poll = cfg.control.as_ref().is_some_and(|c| c.services == n);
+            let limit = cfg
+                .load_limit
+                .min(budget_end.saturating_duration_since(Instant::now()));
+            eprintln!("kplb-bench: conn: loading {dp} at {n} services (at most {limit:.0?})");
+            let entry = size.load_entry(cfg, dp, cluster, poll, limit);
+            size.entries.push(entry);
+        }
+        // For development: look at the loaded dataplanes (`ip netns`, `nft list ruleset`).
+        if let Ok(secs) = std::env::var("KPLB_BENCH_PAUSE") {
+            eprintln!("kplb-bench: pausing {secs} s (lab {})", bl.lab.prefix());
+            std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
+        }
+        size
+    }
+
+    fn load_entry(
+        &self,
+        cfg: &Config,
+        dp: Dataplane,
+        cluster: Cluster,
+        poll: bool,
+        limit: Duration,
+    ) -> Entry<'a> {
+        let mut entry = Entry {
+            dp,
+            services: cluster.services,
+            loaded: None,
+            detail: json!({}),
+            sanity: Value::Null,
+            runs: Vec::new(),
+            error: None,
+            phases: Phases::default(),
+        };
+        let t = Instant::now();
+        let mut loaded = match Loaded::new(self.bl, dp, cluster) {
+            Ok(l) => l,
+            Err(e) => {
+                entry.fail(format!("preparing {dp}: {e:#}"));
+                return entry;
+            }
+        };
+        let detail = loaded.load(t + limit, poll);
+        entry.phases.load_s = t.elapsed().as_secs_f64();
+        let works = match detail {
+            Ok(detail) => {
+                entry.detail = detail;
+                self.check(&mut entry, &loaded, cfg)
+            }
+            Err(e) => {
+                entry.fail(format!(
+                    "did not load ({:.1} s of its {:.0} s): {e:#}",
+                    entry.phases.load_s,
+                    limit.as_secs_f64()
+                ));
+                false
+            }
+        };
+        if works {
+            entry.loaded = Some(loaded);
+        } else {
+            // Not measured: free its node now.
+            entry.remove(loaded);
+        }
+        entry
+    }
+
+    /// Requests that must all reach the backends; whether they did.
+    fn check(&self, entry: &mut Entry<'_>, l: &Loaded<'_>, cfg: &Config) -> bool {
+        let t = Instant::now();
+        let req = Requests {
+            count: SANITY_REQUESTS,
+            warmup: 0,
+            fail_fast: true,
+        };
+        let sanity = self
+            .bl
+            .client(l.cluster.node, &cfg.client, &l.targets(), &req);
+        entry.phases.check_s = t.elapsed().as_secs_f64();
+        match sanity {
+            Ok(s) if s["count"].as_u64() == Some(SANITY_REQUESTS as u64) => {
+                entry.sanity = s;
+                true
+            }
+            Ok(s) => {
+                entry.fail(format!("does not work: {s}"));
+                entry.sanity = s;
+                false
+            }
+            Err(e) => {
+                entry.fail(format!("checking: {e:#}"));
+                false
+            }
+        }
+    }
+
+    /// `cfg.runs` rounds over the dataplanes that loaded and work, each in a new shuffled
+    /// order; returns the orders.
+    fn measure(&mut self, cfg: &Config, rng: &mut Rng) -> Vec<Vec<String>> {
+        let req = Requests {
+            count: cfg.count,
+            warmup: cfg.warmup,
+            fail_fast: false,
+        };
+        let mut orders = Vec::new();
+        for round in 0..cfg.runs {
+            let mut order: Vec<usize> = (0..self.entries.len())
+                .filter(|&k| self.entries[k].error.is_none())
+                .collect();
+            rng.shuffle(&mut order);
+            eprintln!(
+                "kplb-bench: conn: round {}/{} at {} services",
+                round + 1,
+                cfg.runs,
+                self.entries.first().map_or(0, |e| e.services)
+            );
+            for &k in &order {
+                let entry = &mut self.entries[k];
+                let Some(l) = &entry.loaded else {
+                    continue;
+                };
+                let t = Instant::now();
+                let run = self
+                    .bl
+                    .client(l.cluster.node, &cfg.client, &l.targets(), &req);
+                entry.phases.measure_s += t.elapsed().as_secs_f64();
+                match run {
+                    Ok(r) => entry.runs.push(r),
+                    Err(e) => entry.fail(format!("run {}: {e:#}", round + 1)),
+                }
+            }
+            orders.push(
+                order
+                    .iter()
+                    .map(|&k| self.entries[k].dp.to_string())
+                    .collect(),
+            );
+        }
+        orders
+    }
+
+    /// Section 4 on kplb's running agent (whose cold start was this size's load).
+    fn control(&self, cfg: &control::Config, rng: &mut Rng) -> Value {
+        let kplb = self.entries.iter().find(|e| e.dp == Dataplane::Kplb);
+        let Some((entry, Some(l))) = kplb.map(|e| (e, &e.loaded)) else {
+            return json!({"error": "kplb is not running at this size (see section 2)"});
+        };
+        let Some(agent) = &l.agent else {
+            return json!({"error": "no agent"});
+        };
+        eprintln!(
+            "kplb-bench: control: changes at {} services",
+            entry.services
+        );
+        let cold = vec![json!({
+            "start_to_synced_s": entry.detail["start_to_synced_s"],
+            "synced": entry.detail["synced"],
+        })];
+        control::measure_running(agent, &l.manifests(), &l.cluster, cfg, rng, cold)
+            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+    }
+
+    /// Removes every dataplane; returns the entries' results.
+    fn teardown(self) -> Vec<Value> {
+        self.entries
+            .into_iter()
+            .map(|mut entry| {
+                if let Some(l) = entry.loaded.take() {
+                    entry.remove(l);
+                }
+                entry.result()
+            })
+            .collect()
+    }
+}
+
+/// A dataplane installed on its node; removed completely by [`Loaded::remove`], or when
+/// dropped (also when loading failed half way).
+struct Loaded<'a> {
     bl: &'a BenchLab,
     dp: Dataplane,
+    cluster: Cluster,
     agent: Option<RunningAgent>,
     /// Rule files and manifests; removed last (the agent reads its manifests until it stops).
     scratch: PathBuf,
-    done: bool,
+    removed: bool,
 }
 
-impl Teardown<'_> {
-    fn finish(mut self) -> Result<()> {
-        self.done = true;
+impl<'a> Loaded<'a> {
+    /// Nothing installed yet for `cluster` on its node.
+    fn new(bl: &'a BenchLab, dp: Dataplane, cluster: Cluster) -> Result<Self> {
+        let scratch = bl.lab.tmp_dir().join(format!("{dp}-{}", cluster.services));
+        fs::create_dir_all(&scratch)?;
+        Ok(Self {
+            bl,
+            dp,
+            cluster,
+            agent: None,
+            scratch,
+            removed: false,
+        })
+    }
+
+    /// Installs the dataplane, giving up at `deadline`; returns how it went. `poll`: the
+    /// agent polls its manifests every [`control::POLL_MS`] (section 4 runs on it).
+    fn load(&mut self, deadline: Instant, poll: bool) -> Result<Value> {
+        match self.dp {
+            Dataplane::None => Ok(json!({})),
+            Dataplane::Kplb => self.load_kplb(deadline, poll),
+            Dataplane::Iptables => self.load_iptables(deadline),
+            Dataplane::Nftables => self.load_nftables(deadline),
+            Dataplane::Ipvs => self.load_ipvs(deadline),
+        }
+    }
+
+    fn node(&self) -> String {
+        node_name(self.cluster.node)
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.scratch.join("manifests")
+    }
+
+    /// Where the client connects: the measured ClusterIP, or the pods themselves.
+    fn targets(&self) -> Vec<SocketAddr> {
+        match self.dp {
+            Dataplane::None => (0..ENDPOINTS)
+                .map(|j| {
+                    SocketAddr::new(services::pod_ip(self.cluster.node, j).into(), TARGET_PORT)
+                })
+                .collect(),
+            _ => vec![SocketAddr::new(
+                services::vip(self.cluster.measured()).into(),
+                PORT,
+            )],
+        }
+    }
+
+    /// Runs `argv` in the node, failing when it fails or `deadline` passes.
+    fn run_until(&self, argv: &[&str], deadline: Instant) -> Result<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("out of time before `{}`", argv.join(" "));
+        }
+        self.bl.node_ok(&self.node(), argv, left)
+    }
+
+    fn load_kplb(&mut self, deadline: Instant, poll: bool) -> Result<Value> {
+        let t = Instant::now();
+        self.cluster.write_manifests(&self.manifests())?;
+        let manifest_write_s = t.elapsed().as_secs_f64();
+        let extra: &[&str] = if poll {
+            &["--poll-interval-ms", control::POLL_MS]
+        } else {
+            &[]
+        };
+        let agent = RunningAgent::start(&self.bl.lab, self.cluster.node, &self.manifests(), extra)?;
+        let agent = self.agent.insert(agent);
+        let (wall, line) = agent.wait_synced(deadline.saturating_duration_since(Instant::now()))?;
+        Ok(json!({"synced": line, "start_to_synced_s": wall, "manifest_write_s": manifest_write_s}))
+    }
+
+    /// One `iptables-restore` of the whole nat table (kube-proxy's first sync).
+    fn load_iptables(&mut self, deadline: Instant) -> Result<Value> {
+        let file = self.scratch.join("iptables.rules");
+        fs::write(&file, rules::iptables(&self.cluster))?;
+        let t = Instant::now();
+        self.run_until(&["iptables-restore", path(&file)?], deadline)?;
+        let restore_s = t.elapsed().as_secs_f64();
+        let version = self.run_until(&["iptables", "--version"], deadline)?;
+        Ok(json!({"restore_s": restore_s, "version": version.trim()}))
+    }
+
+    /// The transactions of [`rules::nftables`] one after another, each within what is left
+    /// of the deadline.
+    fn load_nftables(&mut self, deadline: Instant) -> Result<Value> {
+        let txs = rules::nftables(&self.cluster);
+        let mut times = Vec::new();
+        for (k, tx) in txs.iter().enumerate() {
+            let file = self.scratch.join(format!("nft-{k}.nft"));
+            fs::write(&file, tx)?;
+            let t = Instant::now();
+            self.run_until(&["nft", "-f", path(&file)?], deadline)
+                .with_context(|| {
+                    let before: Vec<String> = times.iter().map(|s| format!("{s:.1}")).collect();
+                    format!(
+                        "transaction {} of {} (those before took {} s)",
+                        k + 1,
+                        txs.len(),
+                        before.join(", ")
+                    )
+                })?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let version = self.run_until(&["nft", "--version"], deadline)?;
+        Ok(
+            json!({"transactions_s": times, "load_s": times.iter().sum::<f64>(), "version": version.trim()}),
+        )
+    }
+
+    fn load_ipvs(&mut self, deadline: Instant) -> Result<Value> {
+        let (ip, restore) = rules::ipvs(&self.cluster);
+        let netns = self.bl.lab.node(self.cluster.node)?.netns.clone();
+        lb_tests::netns::ip_batch(&netns, &ip)?;
+        let file = self.scratch.join("ipvs.rules");
+        fs::write(&file, restore)?;
+        let t = Instant::now();
+        let restore_cmd = format!("ipvsadm-restore < {}", file.display());
+        self.run_until(&["sh", "-c", &restore_cmd], deadline)?;
+        lb_tests::netns::sysctls(&netns, &[("net.ipv4.vs.conntrack", "1")])?;
+        Ok(json!({"restore_s": t.elapsed().as_secs_f64()}))
+    }
+
+    fn remove(mut self) -> Result<()> {
+        self.removed = true;
         self.clean()
     }
 
@@ -173,7 +596,8 @@ impl Teardown<'_> {
     }
 
     fn remove_dataplane(&mut self) -> Result<()> {
-        let limit = Duration::from_secs(300);
+        let node = self.node();
+        let run = |argv: &[&str]| self.bl.node_ok(&node, argv, TEARDOWN_LIMIT).map(|_| ());
         match self.dp {
             Dataplane::None => Ok(()),
             Dataplane::Kplb => match self.agent.take() {
@@ -181,34 +605,24 @@ impl Teardown<'_> {
                 None => Ok(()),
             },
             Dataplane::Iptables => {
-                self.bl.node_ok(&["iptables", "-t", "nat", "-F"], limit)?;
-                self.bl.node_ok(&["iptables", "-t", "nat", "-X"], limit)?;
-                // iptables-nft leaves its (now empty) tables behind; remove them too.
-                if self.bl.node_probe(&["nft", "--version"]).is_ok() {
-                    self.bl.node_ok(&["nft", "flush", "ruleset"], limit)?;
-                }
-                Ok(())
+                run(&["iptables", "-t", "nat", "-F"])?;
+                run(&["iptables", "-t", "nat", "-X"])?;
+                // iptables-nft leaves its (now empty) tables behind; remove them too (the
+                // node's ruleset is all ours).
+                run(&["nft", "flush", "ruleset"])
             }
-            // Only the lab node's own ruleset: everything there is ours.
-            Dataplane::Nftables => self
-                .bl
-                .node_ok(&["nft", "flush", "ruleset"], limit)
-                .map(|_| ()),
+            Dataplane::Nftables => run(&["nft", "flush", "ruleset"]),
             Dataplane::Ipvs => {
-                let a = self.bl.node_ok(&["ipvsadm", "-C"], limit).map(|_| ());
-                let b = self
-                    .bl
-                    .node_ok(&["ip", "link", "del", "kube-ipvs0"], limit)
-                    .map(|_| ());
-                a.and(b)
+                let a = run(&["ipvsadm", "-C"]);
+                a.and(run(&["ip", "link", "del", "kube-ipvs0"]))
             }
         }
     }
 }
 
-impl Drop for Teardown<'_> {
+impl Drop for Loaded<'_> {
     fn drop(&mut self) {
-        if self.done {
+        if self.removed {
             return;
         }
         if let Err(e) = self.clean() {
@@ -217,127 +631,7 @@ impl Drop for Teardown<'_> {
     }
 }
 
-fn measure(
-    bl: &BenchLab,
-    cfg: &Config,
-    dp: Dataplane,
-    n: usize,
-    rng: &mut Rng,
-    control: &mut Option<Value>,
-) -> Result<Value> {
-    let control_here = dp == Dataplane::Kplb && cfg.control.is_some_and(|(s, _)| s == n);
-    let scratch = bl.lab.tmp_dir().join(format!("{dp}-{n}"));
-    let mut td = Teardown {
-        bl,
-        dp,
-        agent: None,
-        scratch: scratch.clone(),
-        done: false,
-    };
-    fs::create_dir_all(&scratch)?;
-    let started = Instant::now();
-    let mut detail = json!({});
-    match dp {
-        Dataplane::None => {}
-        Dataplane::Kplb => {
-            let dir = scratch.join("manifests");
-            // The measured service in a file of its own, so that section 4's changes rewrite
-            // a small file.
-            services::write_manifest(&dir, "bulk.yaml", n, 0..n - 1)?;
-            services::write_manifest(&dir, "measured.yaml", n, n - 1..n)?;
-            let gen_s = started.elapsed().as_secs_f64();
-            let extra: &[&str] = if control_here {
-                &["--poll-interval-ms", control::POLL_MS]
-            } else {
-                &[]
-            };
-            let mut agent = RunningAgent::start(&bl.lab, &dir, extra)?;
-            let synced = agent.wait_synced(LOAD_LIMIT);
-            td.agent = Some(agent);
-            let (wall, line) = synced?;
-            detail = json!({"synced": line, "start_to_synced_s": wall, "manifest_write_s": gen_s});
-        }
-        Dataplane::Iptables => {
-            let file = scratch.join("iptables.rules");
-            fs::write(&file, rules::iptables(n))?;
-            let t = Instant::now();
-            bl.node_ok(
-                &["iptables-restore", file.to_str().context("path")?],
-                LOAD_LIMIT,
-            )?;
-            let version = bl.node_ok(&["iptables", "--version"], LOAD_LIMIT)?;
-            detail = json!({"restore_s": t.elapsed().as_secs_f64(), "version": version.trim()});
-        }
-        Dataplane::Nftables => {
-            let mut times = Vec::new();
-            for (k, tx) in rules::nftables(n).iter().enumerate() {
-                let file = scratch.join(format!("nft-{k}.nft"));
-                fs::write(&file, tx)?;
-                let t = Instant::now();
-                bl.node_ok(&["nft", "-f", file.to_str().context("path")?], LOAD_LIMIT)?;
-                times.push(t.elapsed().as_secs_f64());
-            }
-            let version = bl.node_ok(&["nft", "--version"], LOAD_LIMIT)?;
-            detail = json!({"transactions_s": times, "load_s": times.iter().sum::<f64>(), "version": version.trim()});
-        }
-        Dataplane::Ipvs => {
-            let (ip, restore) = rules::ipvs(n);
-            let node = bl.lab.node(1)?.netns.clone();
-            lb_tests::netns::ip_batch(&node, &ip)?;
-            let file = scratch.join("ipvs.rules");
-            fs::write(&file, restore)?;
-            let t = Instant::now();
-            bl.node_ok(
-                &["sh", "-c", &format!("ipvsadm-restore < {}", file.display())],
-                LOAD_LIMIT,
-            )?;
-            lb_tests::netns::sysctls(&node, &[("net.ipv4.vs.conntrack", "1")])?;
-            detail = json!({"restore_s": t.elapsed().as_secs_f64()});
-        }
-    }
-    let load_s = (dp != Dataplane::None).then(|| started.elapsed().as_secs_f64());
-
-    let targets: Vec<SocketAddr> = match dp {
-        Dataplane::None => (0..ENDPOINTS)
-            .map(|j| SocketAddr::new(services::pod_ip(j).into(), TARGET_PORT))
-            .collect(),
-        _ => vec![SocketAddr::new(services::vip(n - 1).into(), PORT)],
-    };
-    if let Ok(secs) = std::env::var("KPLB_BENCH_PAUSE") {
-        eprintln!("kplb-bench: pausing {secs} s (lab {})", bl.lab.prefix());
-        std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
-    }
-    let sanity = bl.client(&cfg.client, &targets, SANITY_REQUESTS, 0)?;
-    if sanity["count"].as_u64() != Some(SANITY_REQUESTS as u64) {
-        bail!("{dp} at {n} services does not work: {sanity}");
-    }
-    let mut runs = Vec::new();
-    for _ in 0..cfg.runs {
-        runs.push(bl.client(&cfg.client, &targets, cfg.count, cfg.warmup)?);
-    }
-    if let Some(a) = &td.agent {
-        detail["agent_log_tail"] = json!(a.agent.log_tail(3));
-        if control_here {
-            let changes = cfg.control.map_or(0, |(_, c)| c);
-            eprintln!("kplb-bench: control: {changes} changes at {n} services");
-            let cold = vec![json!({
-                "start_to_synced_s": detail["start_to_synced_s"],
-                "synced": detail["synced"],
-            })];
-            *control = Some(
-                control::measure_running(a, &scratch.join("manifests"), n, changes, rng, cold)
-                    .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
-            );
-        }
-    }
-    td.finish()
-        .with_context(|| format!("removing {dp} after measuring"))?;
-    Ok(json!({
-        "dataplane": dp.to_string(),
-        "services": n,
-        "load_s": load_s,
-        "detail": detail,
-        "sanity": sanity,
-        "runs": runs,
-    }))
+fn path(p: &std::path::Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
 }

@@ -1,9 +1,9 @@
-//! The bench's lab: one node, 10 netexec backend pods (the measured Service's endpoints,
-//! pinned to CPU 0) and a client pod, plus helpers to run tools inside the node.
+//! The bench's lab: nodes with 10 netexec backend pods each (pinned to CPU 0) and a client pod,
+//! plus helpers to run tools inside a node.
 
 use std::{
     fs,
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Output,
     time::{Duration, Instant},
@@ -15,14 +15,36 @@ use lb_tests::{
 };
 use serde_json::Value;
 
-use crate::services::{ENDPOINTS, TARGET_PORT, pod_ip, pod_name};
+use crate::services::{ENDPOINTS, TARGET_PORT, pod_ip};
 
-pub const CLIENT: &str = "client";
-pub const CLIENT_IP: &str = "10.0.1.100";
 pub const NODE: &str = "node1";
 /// Backends run on this CPU, the client (and packet generators) on the other.
 pub const BACKEND_CPU: usize = 0;
 pub const CLIENT_CPU: usize = 1;
+
+pub fn node_name(node: usize) -> String {
+    format!("node{node}")
+}
+
+fn client_pod(node: usize) -> String {
+    format!("n{node}-client")
+}
+
+fn client_ip(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, node as u8, 100)
+}
+
+fn backend_pod(node: usize, j: usize) -> String {
+    format!("n{node}-be{j}")
+}
+
+/// What one `kplb-connclient` run does.
+pub struct Requests {
+    pub count: usize,
+    pub warmup: usize,
+    /// Stop at the first failed request (a check that must all succeed).
+    pub fail_fast: bool,
+}
 
 pub struct BenchLab {
     /// Dropped before the lab (fields drop in order).
@@ -39,22 +61,24 @@ impl BenchLab {
         })
     }
 
-    pub fn new(with_backends: bool) -> Result<Self> {
-        let mut lab = Lab::new(1).context("creating the lab")?;
-        let mut backends = Vec::new();
-        if with_backends {
+    /// `nodes` nodes, each with its own 10 netexec backends (the measured Service's endpoints
+    /// on that node) and a client pod.
+    pub fn with_pods(nodes: usize) -> Result<Self> {
+        let mut lab = Lab::new(nodes).context("creating the lab")?;
+        for node in 1..=nodes {
             for j in 0..ENDPOINTS {
-                lab.add_pod(1, &pod_name(j), &pod_ip(j).to_string(), None)?;
+                let ip = pod_ip(node, j).to_string();
+                lab.add_pod(node, &backend_pod(node, j), &ip, None)?;
             }
+            lab.add_pod(node, &client_pod(node), &client_ip(node).to_string(), None)?;
         }
-        lab.add_pod(1, CLIENT, CLIENT_IP, None)?;
-        if with_backends {
-            let netexec = netexec_bin()?;
-            let netexec = netexec.to_str().context("netexec path is not UTF-8")?;
-            let cpu = BACKEND_CPU.to_string();
-            let port = TARGET_PORT.to_string();
+        let netexec = netexec_bin()?;
+        let netexec = netexec.to_str().context("netexec path is not UTF-8")?;
+        let (cpu, port) = (BACKEND_CPU.to_string(), TARGET_PORT.to_string());
+        let mut backends = Vec::new();
+        for node in 1..=nodes {
             for j in 0..ENDPOINTS {
-                let pod = pod_name(j);
+                let pod = backend_pod(node, j);
                 backends.push(lab.spawn(
                     &pod,
                     &[
@@ -62,19 +86,9 @@ impl BenchLab {
                     ],
                 )?);
             }
-            poll_until(
-                Duration::from_secs(10),
-                Duration::from_millis(20),
-                "netexec backends",
-                || {
-                    lab.in_netns(NODE, || {
-                        Ok((0..ENDPOINTS).all(|j| {
-                            let addr = SocketAddr::new(pod_ip(j).into(), TARGET_PORT);
-                            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                        }))
-                    })
-                },
-            )?;
+        }
+        for node in 1..=nodes {
+            wait_for_backends(&lab, node)?;
         }
         Ok(Self {
             _backends: backends,
@@ -82,17 +96,17 @@ impl BenchLab {
         })
     }
 
-    /// Runs `argv` in the node's netns (and cgroup) with a time limit.
-    pub fn node_run(&self, argv: &[&str], limit: Duration) -> Result<Output> {
-        output_with_timeout(self.lab.command(NODE, argv)?, limit)
+    /// Runs `argv` in node `node`'s netns (and cgroup) with a time limit.
+    pub fn node_run(&self, node: &str, argv: &[&str], limit: Duration) -> Result<Output> {
+        output_with_timeout(self.lab.command(node, argv)?, limit)
     }
 
     /// Like [`BenchLab::node_run`], failing on a non-zero exit.
-    pub fn node_ok(&self, argv: &[&str], limit: Duration) -> Result<String> {
-        let out = self.node_run(argv, limit)?;
+    pub fn node_ok(&self, node: &str, argv: &[&str], limit: Duration) -> Result<String> {
+        let out = self.node_run(node, argv, limit)?;
         if !out.status.success() {
             bail!(
-                "{argv:?} in {NODE}: {}: {}",
+                "{argv:?} in {node}: {}: {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
@@ -100,9 +114,9 @@ impl BenchLab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Whether `argv` runs successfully in the node; the error text when not.
-    pub fn node_probe(&self, argv: &[&str]) -> std::result::Result<(), String> {
-        match self.node_run(argv, Duration::from_secs(20)) {
+    /// Whether `argv` runs successfully in node `node`; the error text when not.
+    pub fn node_probe(&self, node: &str, argv: &[&str]) -> std::result::Result<(), String> {
+        match self.node_run(node, argv, Duration::from_secs(20)) {
             Ok(o) if o.status.success() => Ok(()),
             Ok(o) => Err(format!(
                 "`{}` failed: {}",
@@ -113,22 +127,22 @@ impl BenchLab {
         }
     }
 
-    /// One `kplb-connclient` run in the client pod (its netns and cgroup).
+    /// One `kplb-connclient` run in node `node`'s client pod (its netns and cgroup).
     pub fn client(
         &self,
+        node: usize,
         bin: &Path,
         targets: &[SocketAddr],
-        count: usize,
-        warmup: usize,
+        req: &Requests,
     ) -> Result<Value> {
         let targets: Vec<String> = targets.iter().map(ToString::to_string).collect();
         let (targets, count, warmup, cpu) = (
             targets.join(","),
-            count.to_string(),
-            warmup.to_string(),
+            req.count.to_string(),
+            req.warmup.to_string(),
             CLIENT_CPU.to_string(),
         );
-        let argv = [
+        let mut argv = vec![
             bin.to_str().context("client path is not UTF-8")?,
             "--targets",
             &targets,
@@ -139,7 +153,11 @@ impl BenchLab {
             "--cpu",
             &cpu,
         ];
-        let out = output_with_timeout(self.lab.command(CLIENT, &argv)?, Duration::from_secs(600))?;
+        if req.fail_fast {
+            argv.extend(["--max-errors", "1", "--timeout-ms", "1000"]);
+        }
+        let cmd = self.lab.command(&client_pod(node), &argv)?;
+        let out = output_with_timeout(cmd, Duration::from_secs(600))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout.lines().last().unwrap_or_default();
         serde_json::from_str(line).with_context(|| {
@@ -152,16 +170,32 @@ impl BenchLab {
     }
 }
 
-/// A running agent on node1 and when it was started.
+fn wait_for_backends(lab: &Lab, node: usize) -> Result<()> {
+    poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "netexec backends",
+        || {
+            lab.in_netns(&node_name(node), || {
+                Ok((0..ENDPOINTS).all(|j| {
+                    let addr = SocketAddr::new(pod_ip(node, j).into(), TARGET_PORT);
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                }))
+            })
+        },
+    )
+}
+
+/// A running agent on a lab node and when it was started.
 pub struct RunningAgent {
     pub agent: Agent,
     pub started: Instant,
 }
 
 impl RunningAgent {
-    pub fn start(lab: &Lab, manifests: &Path, extra: &[&str]) -> Result<Self> {
+    pub fn start(lab: &Lab, node: usize, manifests: &Path, extra: &[&str]) -> Result<Self> {
         let started = Instant::now();
-        let agent = Agent::start(lab, 1, manifests, extra)?;
+        let agent = Agent::start(lab, node, manifests, extra)?;
         Ok(Self { agent, started })
     }
 

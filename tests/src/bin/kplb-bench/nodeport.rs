@@ -253,6 +253,7 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
         .collect::<Vec<_>>()
         .join(":");
     bl.node_ok(
+        NODE,
         &[
             "ip",
             "neigh",
@@ -283,7 +284,7 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
 
     let mut skipped = serde_json::Map::new();
     let mut modes = vec![Mode::XdpDrop];
-    match bl.node_probe(&["iptables-restore", "--version"]) {
+    match bl.node_probe(NODE, &["iptables-restore", "--version"]) {
         Ok(()) => modes.push(Mode::Iptables),
         Err(e) => {
             skipped.insert("iptables".into(), json!(e));
@@ -337,9 +338,10 @@ fn manifests(bl: &BenchLab) -> Result<std::path::PathBuf> {
 /// `None` when the agent attaches an XDP program to eth0; else why the kplb column is skipped.
 fn kplb_has_xdp(bl: &BenchLab) -> Result<Option<String>> {
     let dir = manifests(bl)?;
-    let mut agent = RunningAgent::start(&bl.lab, &dir, &["--xdp-mode", "native"])?;
+    let mut agent = RunningAgent::start(&bl.lab, 1, &dir, &["--xdp-mode", "native"])?;
     agent.wait_synced(Duration::from_secs(60))?;
     let link = bl.node_ok(
+        NODE,
         &["ip", "-j", "link", "show", "eth0"],
         Duration::from_secs(10),
     )?;
@@ -390,12 +392,16 @@ fn measure(bl: &BenchLab, cfg: &Config, mode: Mode, frames: &[Vec<u8>]) -> Resul
         Mode::Iptables => {
             let file = bl.lab.tmp_dir().join("nodeport.rules");
             std::fs::write(&file, iptables_nodeport())?;
-            bl.node_ok(&["iptables-restore", file.to_str().context("path")?], limit)?;
+            bl.node_ok(
+                NODE,
+                &["iptables-restore", file.to_str().context("path")?],
+                limit,
+            )?;
             Counter::attach(bl, FABRIC, NODE1_PEER)?
         }
         Mode::Kplb => {
             let dir = manifests(bl)?;
-            let mut a = RunningAgent::start(&bl.lab, &dir, &["--xdp-mode", "native"])?;
+            let mut a = RunningAgent::start(&bl.lab, 1, &dir, &["--xdp-mode", "native"])?;
             a.wait_synced(Duration::from_secs(60))?;
             agent = Some(a);
             Counter::attach(bl, FABRIC, NODE1_PEER)?
@@ -435,10 +441,10 @@ fn measure(bl: &BenchLab, cfg: &Config, mode: Mode, frames: &[Vec<u8>]) -> Resul
     match mode {
         Mode::XdpDrop => {}
         Mode::Iptables => {
-            bl.node_ok(&["iptables", "-t", "nat", "-F"], limit)?;
-            bl.node_ok(&["iptables", "-t", "nat", "-X"], limit)?;
-            if bl.node_probe(&["nft", "--version"]).is_ok() {
-                bl.node_ok(&["nft", "flush", "ruleset"], limit)?;
+            bl.node_ok(NODE, &["iptables", "-t", "nat", "-F"], limit)?;
+            bl.node_ok(NODE, &["iptables", "-t", "nat", "-X"], limit)?;
+            if bl.node_probe(NODE, &["nft", "--version"]).is_ok() {
+                bl.node_ok(NODE, &["nft", "flush", "ruleset"], limit)?;
             }
         }
         Mode::Kplb => {

@@ -9,8 +9,12 @@
 //!   interface's XDP program id), so its maps and runtime configuration are exactly what the
 //!   agent wrote. Services: one NodePort service (TCP 80 -> 8080, nodePort 30080) whose 10
 //!   endpoints are remote (on node2's pod CIDR, so the path includes the FIB lookup and
-//!   SNAT), plus `n - 1` filler services (a ClusterIP and an external IP each, 10 endpoints)
-//!   for n = 1, 1k, 10k and 100k; `--maglev-table-size 251` keeps 100k tables in memory.
+//!   SNAT), plus `n - 1` filler services for n = 1, 1k, 10k and 100k: each a ClusterIP
+//!   (172.30.0.0/15) and an external IP (198.18.0.0/15) on TCP 80, so the XDP path's lookups
+//!   run against external frontends too, with 10 endpoints from a pool of 200,000 addresses.
+//!   A filler makes 4 `KPLB_SVC` entries (ClusterIP; external IP in both scopes; the external
+//!   IP's any-port marker): 400k at 100k services, within the map's 524,288. Backends stay
+//!   under 200,000; `--maglev-table-size 251` keeps 100k tables small.
 //! - Translating paths rewrite the packet, and the kernel reuses the buffer across `repeat`
 //!   iterations, so every path is timed with `repeat = 1` (the input is copied in afresh on
 //!   every call) and reported as median(kernel duration) - median(floor duration):
@@ -40,10 +44,14 @@ use crate::{
 pub struct Config {
     pub calls: usize,
     pub sizes: Vec<usize>,
+    /// Longest the agent may take to sync one size (recorded as an error beyond).
+    pub sync_limit: Duration,
 }
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
 const NODE_PORT: u16 = 30080;
+/// Outside the fillers' ClusterIPs (172.30.0.0/15).
+const NP_CLUSTER_IP: &str = "172.29.0.1";
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -162,7 +170,7 @@ fn manifests(dir: &std::path::Path, n: usize) -> Result<()> {
     let mut text = String::new();
     let np = Service::new("np")
         .type_(ServiceType::NodePort)
-        .cluster_ip("172.30.200.1")
+        .cluster_ip(NP_CLUSTER_IP)
         .port(Port::tcp(80, 8080).named("http").node_port(NODE_PORT))
         .to_json();
     let slice = (0..ENDPOINTS).fold(
@@ -189,7 +197,7 @@ fn manifests(dir: &std::path::Path, n: usize) -> Result<()> {
             ),
             |s, j| {
                 s.endpoint(Endpoint::ready_on(
-                    &services::endpoint(n, i, j).to_string(),
+                    &services::dummy_endpoint(i, j).to_string(),
                     "node2",
                 ))
             },
@@ -251,14 +259,16 @@ pub fn run(cfg: &Config) -> Result<Value> {
     let mut skipped = Value::Null;
     for &n in &cfg.sizes {
         eprintln!("kplb-bench: xdp: {n} services");
+        let t = std::time::Instant::now();
         let dir = lab.tmp_dir().join(format!("xdp-{n}"));
         manifests(&dir, n)?;
         let mut agent = RunningAgent::start(
             &lab,
+            1,
             &dir,
             &["--maglev-table-size", "251", "--xdp-mode", "native"],
         )?;
-        let synced = agent.wait_synced(Duration::from_secs(900));
+        let synced = agent.wait_synced(cfg.sync_limit);
         let result = (|| -> Result<Option<Value>> {
             let (wall, line) = synced?;
             let Some(id) = attached_xdp(&lab, NODE)? else {
@@ -271,19 +281,26 @@ pub fn run(cfg: &Config) -> Result<Value> {
             ))
         })();
         agent.stop_and_clean()?;
+        let wall_s = t.elapsed().as_secs_f64();
         match result {
-            Ok(Some(v)) => sizes.push(v),
+            Ok(Some(mut v)) => {
+                v["wall_s"] = json!(wall_s);
+                sizes.push(v);
+            }
             Ok(None) => {
                 skipped = json!(
                     "XDP datapath not present in this build: lb-agent attached no XDP program to --interfaces eth0"
                 );
                 break;
             }
-            Err(e) => sizes.push(json!({"services": n, "error": format!("{e:#}")})),
+            Err(e) => {
+                sizes.push(json!({"services": n, "error": format!("{e:#}"), "wall_s": wall_s}));
+            }
         }
     }
     Ok(json!({
         "calls": cfg.calls,
+        "sync_limit_s": cfg.sync_limit.as_secs_f64(),
         "floor": first_floor,
         "kplb": sizes,
         "skipped": skipped,
