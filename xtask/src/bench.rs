@@ -878,7 +878,8 @@ mod report {
             o,
             "- kplb: `lb-agent` in standalone mode with the n services' YAML (one multi-document file); the socket-level \
              hook rewrites `connect()`, so packets go straight to the pod. At the size section 4 uses, the agent \
-             runs with `--poll-interval-ms 10` and section 4 is measured on it after the connection rounds.\n\
+             runs with `--poll-interval-ms 60000` (changes are noticed through inotify) and section 4 is measured on \
+             it after the connection rounds.\n\
              - kube-proxy iptables: kube-proxy's nat-table layout, loaded with one `iptables-restore` (the system's \
              iptables, nf_tables backend): PREROUTING/OUTPUT → KUBE-SERVICES (one rule per service, matched in order) → \
              KUBE-SVC-* (`-m statistic --mode random --probability 1/(10-i)`) → KUBE-SEP-* (DNAT), masquerade chains.\n\

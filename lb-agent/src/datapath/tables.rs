@@ -50,17 +50,21 @@ struct FreeSpace {
     by_pos: BTreeMap<(u32, u32), u32>,
     /// (length, slab, first slot).
     by_size: BTreeSet<(u32, u32, u32)>,
+    /// Free slots in all.
+    total: u64,
 }
 
 impl FreeSpace {
     fn insert(&mut self, slab: u32, start: u32, len: u32) {
         self.by_pos.insert((slab, start), len);
         self.by_size.insert((len, slab, start));
+        self.total += u64::from(len);
     }
 
     fn remove(&mut self, slab: u32, start: u32) -> Option<u32> {
         let len = self.by_pos.remove(&(slab, start))?;
         self.by_size.remove(&(len, slab, start));
+        self.total -= u64::from(len);
         Some(len)
     }
 
@@ -110,7 +114,7 @@ impl FreeSpace {
     }
 
     fn total(&self) -> u64 {
-        self.by_pos.values().map(|&l| u64::from(l)).sum()
+        self.total
     }
 }
 
@@ -189,10 +193,12 @@ impl Slabs {
                 source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
             });
         }
+        self.collect_waited(false);
         if let Some(t) = self.take_free(size) {
+            self.reclaim_when_low()?;
             return Ok(t);
         }
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || self.waiting.is_some() {
             self.reclaim()?;
             if let Some(t) = self.take_free(size) {
                 return Ok(t);
@@ -203,6 +209,17 @@ impl Slabs {
             what: "a new Maglev slab has no room".into(),
             source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
         })
+    }
+
+    /// Once more space waits for reuse than is free, starts reclaiming it in the background,
+    /// so that a busy agent (changes back to back, never idle) does not run out and have to
+    /// wait for a grace period in the middle of a change.
+    fn reclaim_when_low(&mut self) -> Result<(), DatapathError> {
+        let pending: u64 = self.pending.iter().map(|t| u64::from(t.size)).sum();
+        if pending > 0 && pending >= self.free.total() {
+            self.reclaim_in_background()?;
+        }
+        Ok(())
     }
 
     fn take_free(&mut self, size: u32) -> Option<TableLoc> {
@@ -457,7 +474,16 @@ impl Slabs {
         let due = self
             .pending_since
             .is_some_and(|t| now.duration_since(t) >= IDLE_RECLAIM_AFTER);
-        if !due || self.waiting.is_some() {
+        if due {
+            self.reclaim_in_background()?;
+        }
+        Ok(())
+    }
+
+    /// Starts waiting for a grace period on a helper thread for the space retired so far
+    /// (unless a wait is already running).
+    fn reclaim_in_background(&mut self) -> Result<(), DatapathError> {
+        if self.waiting.is_some() || self.pending.is_empty() {
             return Ok(());
         }
         let (outer, (index, slab)) = match (self.outer_fd.try_clone(), self.first_slab_fd()) {
