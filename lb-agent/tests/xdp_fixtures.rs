@@ -475,6 +475,117 @@ fn nodeport_local_remote_and_reply() {
     );
 }
 
+/// Routed flows keep their next hop (MACs, interface, MTU) in their conntrack entries instead
+/// of a FIB lookup per packet: a changed neighbour is used once the cached hop is older than
+/// its revalidation period (1 s), not before; the reply direction caches its own.
+#[test]
+fn next_hop_cached_in_conntrack_and_refreshed() {
+    let Some(mut fx) = Fx::new() else { return };
+    let remote = fx.backend("10.0.2.5", 8080, false);
+    fx.frontend(
+        (NODE, 30081, 6),
+        2,
+        MaglevSlot {
+            backend: remote,
+            prev: 0,
+        },
+        1,
+        0,
+    );
+    let syn = Pkt::tcp(CLIENT, 40001, NODE, 30081, SYN);
+    let ack = Pkt::tcp(CLIENT, 40001, NODE, 30081, ACK);
+    let port = snat_port(&syn);
+    let to_node2 = |p: &Pkt, mac: [u8; 6]| {
+        let mut out = with_dst(p, "10.0.2.5", 8080);
+        out.src = NODE.parse().unwrap();
+        set_ports(&mut out, Some(port), None);
+        out.src_mac = NODE_MAC;
+        out.dst_mac = mac;
+        out.ttl = 63;
+        out.build()
+    };
+    let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, port, SYN | ACK);
+    reply.src_mac = NODE2_MAC;
+    let mut reply_out = Pkt::tcp(NODE, 30081, CLIENT, 40001, SYN | ACK);
+    reply_out.src_mac = NODE_MAC;
+    reply_out.dst_mac = CLIENT_MAC;
+    reply_out.ttl = 63;
+    table(
+        &mut fx,
+        vec![
+            ("syn", syn.build(), XDP_TX, Some(to_node2(&syn, NODE2_MAC))),
+            ("reply", reply.build(), XDP_TX, Some(reply_out.build())),
+        ],
+    );
+    // The entries by source: the client's (original direction), the backend's (reply).
+    let hop_of = |fx: &Fx, src: &str| {
+        let entries = fx.dp.ct_entries();
+        entries
+            .iter()
+            .find(|(k, _)| k.src == a(src))
+            .map(|(_, v)| v.hop)
+            .unwrap_or_else(|| panic!("no conntrack entry from {src}: {entries:?}"))
+    };
+    let (fwd, rev) = (hop_of(&fx, CLIENT), hop_of(&fx, "10.0.2.5"));
+    assert_eq!(fwd.macs, [NODE2_MAC, NODE_MAC].concat()[..]);
+    assert_eq!(rev.macs, [CLIENT_MAC, NODE_MAC].concat()[..]);
+    for hop in [fwd, rev] {
+        assert_eq!((hop.iif, hop.oif), (fx.ifindex, fx.ifindex), "{hop:?}");
+        // At least the packet it was looked up for fits (40-byte IP datagrams here).
+        assert!(hop.until > 0 && hop.mtu >= 40, "{hop:?}");
+    }
+
+    // node2 moves to another MAC: the cached hop is still used within its period...
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x33];
+    ip(&format!(
+        "neigh replace 192.168.0.3 lladdr {} dev veth0 nud permanent",
+        mac(NEW_MAC)
+    ));
+    table(
+        &mut fx,
+        vec![(
+            "cached",
+            ack.build(),
+            XDP_TX,
+            Some(to_node2(&ack, NODE2_MAC)),
+        )],
+    );
+    assert_eq!(
+        hop_of(&fx, CLIENT),
+        fwd,
+        "a fresh hop is not looked up again"
+    );
+    // ... and looked up again once it is older than that.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    table(
+        &mut fx,
+        vec![(
+            "refreshed",
+            ack.build(),
+            XDP_TX,
+            Some(to_node2(&ack, NEW_MAC)),
+        )],
+    );
+    let refreshed = hop_of(&fx, CLIENT);
+    assert_eq!(refreshed.macs, [NEW_MAC, NODE_MAC].concat()[..]);
+    assert!(refreshed.until > fwd.until);
+    // A packet longer than the cached hop's MTU is looked up again and gets the kernel's
+    // answer (too big: to the kernel, translated, which then sends "fragmentation needed").
+    let big = ack.clone().payload(&[0x55; 1600]);
+    let mut big_out = with_dst(&big, "10.0.2.5", 8080);
+    big_out.src = NODE.parse().unwrap();
+    set_ports(&mut big_out, Some(port), None);
+    table(
+        &mut fx,
+        vec![(
+            "longer than the MTU",
+            big.build(),
+            XDP_PASS,
+            Some(big_out.build()),
+        )],
+    );
+}
+
 #[test]
 fn conntrack_keeps_flows_and_prev_owner() {
     let Some(mut fx) = Fx::new() else { return };

@@ -39,6 +39,28 @@ pub struct CtVal {
     /// `CT_F_*`.
     pub flags: u8,
     pub _pad: [u8; 6],
+    /// Where the flow's translated packets leave this node (routed flows; unused for local
+    /// backends).
+    pub hop: NextHop,
+}
+
+/// A `bpf_fib_lookup` result kept with a routed flow, so its packets are not looked up one by
+/// one. It is looked up again once `until` has passed (routes and neighbours change), for a
+/// packet arriving on another interface, and for one longer than `mtu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NextHop {
+    /// `CLOCK_MONOTONIC` nanoseconds until which it is used as it is; 0 when nothing is cached.
+    pub until: u64,
+    /// The interface the lookup was made for (the packet's ingress).
+    pub iif: u32,
+    /// The interface the packet leaves through.
+    pub oif: u32,
+    /// Destination MAC, then source MAC.
+    pub macs: [u8; 12],
+    /// The route's MTU.
+    pub mtu: u16,
+    pub _pad: [u8; 2],
 }
 
 pub const CT_F_REPLY: u8 = 1 << 0;
@@ -122,7 +144,8 @@ pub struct SrcRangeKey {
 
 const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtVal>() == 56);
+    assert!(core::mem::size_of::<CtVal>() == 88);
+    assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 40);
     assert!(core::mem::size_of::<Config>() == 120);
@@ -172,6 +195,7 @@ mod pod {
     // SAFETY: repr(C) integer aggregates without implicit padding (sizes asserted above).
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtVal {}
+    unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragVal {}
     unsafe impl aya::Pod for super::Config {}

@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     IPPROTO_TCP,
-    ct::{CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_UDP, Config, CtKey, CtVal},
+    ct::{CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_UDP, Config, CtKey, CtVal, NextHop},
 };
 
 use crate::{
@@ -112,5 +112,6 @@ pub fn new_val(cfg: &Config, h: &Hdr, now: u64, backend_id: u32, flags: u8) -> C
         state,
         flags,
         _pad: [0; 6],
+        hop: NextHop::default(),
     }
 }

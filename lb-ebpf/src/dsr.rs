@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, addr,
-    ct::{CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_NEW, Config, CtKey, LB_MODE_DSR},
+    ct::{CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_NEW, Config, CtKey, LB_MODE_DSR, NextHop},
     types::counter,
 };
 
@@ -309,6 +309,7 @@ fn decap_inner(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> Option<u32> {
         s.r.state = state;
         s.r.flags = CT_F_REPLY | CT_F_LOCAL | CT_F_DSR;
         s.r._pad = [0; 6];
+        s.r.hop = NextHop::default();
         CT.insert(&s.rkey, &s.r, 0).ok()?;
     }
     // Strip the outer header: the Ethernet header moves up over it.
