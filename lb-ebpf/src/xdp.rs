@@ -129,7 +129,8 @@ fn in_net(a: &[u32; 4], net: &[u32; 4], mask: &[u32; 4]) -> bool {
 }
 
 /// A reply of a translated flow addressed to this node (SNAT): back to the client with the
-/// frontend as source.
+/// frontend as source. Only SNAT ports can be such replies, so packets to other ports of the
+/// node (ssh, the kubelet, ...) cost no conntrack lookup.
 const NOT_A_REPLY: u32 = u32::MAX;
 
 #[inline(never)]
@@ -142,7 +143,8 @@ fn reply(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
 fn reply_inner(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> Option<u32> {
     let h = &s.hdr;
     let node = if h.v6 { &cfg.node_ip6 } else { &cfg.node_ip4 };
-    if h.dst != *node {
+    let port = u16::from_be(h.dport);
+    if h.dst != *node || port < cfg.snat_port_min || port > cfg.snat_port_max {
         return None;
     }
     s.rkey = ct::key_of(h);
