@@ -90,6 +90,19 @@ fn v4_config() -> Config {
     cfg
 }
 
+/// Loads a program, again when the kernel gave up with EAGAIN: the verifier stops when a
+/// signal is pending, and the other tests' `ip` children exit meanwhile (libbpf retries too).
+fn load_retrying(mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>) {
+    for _ in 0..4 {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
+            r => return r.unwrap(),
+        }
+    }
+    load().unwrap()
+}
+
 impl Fx {
     fn new() -> Option<Self> {
         if !root() {
@@ -141,8 +154,8 @@ impl Fx {
         for name in [XDP_PROGRAM, TC_EGRESS_PROGRAM] {
             let p = dp.ebpf_mut().program_mut(name).unwrap();
             match p {
-                aya::programs::Program::Xdp(x) => x.load().unwrap(),
-                aya::programs::Program::SchedClassifier(c) => c.load().unwrap(),
+                aya::programs::Program::Xdp(x) => load_retrying(|| x.load()),
+                aya::programs::Program::SchedClassifier(c) => load_retrying(|| c.load()),
                 _ => unreachable!(),
             }
         }
