@@ -309,7 +309,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The SNAT port the datapath tries first for `p`'s flow.
 fn snat_port(p: &Pkt) -> u16 {
+    snat_candidate(p, 0)
+}
+
+/// The `i`-th SNAT port the datapath tries for `p`'s flow.
+fn snat_candidate(p: &Pkt, i: u32) -> u16 {
     let (sport, dport) = match p.l4 {
         L4::Tcp { sport, dport, .. }
         | L4::Udp { sport, dport }
@@ -324,6 +330,7 @@ fn snat_port(p: &Pkt) -> u16 {
         p.proto(),
         false,
     );
+    let h = h.wrapping_add(i.wrapping_mul(0x9e37_79b1));
     SNAT_MIN + (h % u32::from(SNAT_MAX - SNAT_MIN + 1)) as u16
 }
 
@@ -596,6 +603,50 @@ fn next_hop_cached_in_conntrack_and_refreshed() {
             XDP_PASS,
             Some(big_out.build()),
         )],
+    );
+}
+
+/// A new flow whose first SNAT port is held by another live flow takes its next candidate.
+#[test]
+fn snat_port_held_by_another_flow_is_skipped() {
+    let Some(mut fx) = Fx::new() else { return };
+    let remote = fx.backend("10.0.2.5", 8080, false);
+    fx.frontend(
+        (NODE, 30081, 6),
+        2,
+        MaglevSlot {
+            backend: remote,
+            prev: 0,
+        },
+        1,
+        0,
+    );
+    let syn = |sport| Pkt::tcp(CLIENT, sport, NODE, 30081, SYN);
+    let first = snat_port(&syn(30000));
+    let other = (30001..40000)
+        .find(|&p| snat_port(&syn(p)) == first && snat_candidate(&syn(p), 1) != first)
+        .expect("two flows with the same first SNAT port");
+    let out = |p: &Pkt, port| {
+        let mut out = with_dst(p, "10.0.2.5", 8080);
+        out.src = NODE.parse().unwrap();
+        set_ports(&mut out, Some(port), None);
+        out.src_mac = NODE_MAC;
+        out.dst_mac = NODE2_MAC;
+        out.ttl = 63;
+        out.build()
+    };
+    let (a, b) = (syn(30000), syn(other));
+    table(
+        &mut fx,
+        vec![
+            ("first flow", a.build(), XDP_TX, Some(out(&a, first))),
+            (
+                "second flow, same first port: the next one",
+                b.build(),
+                XDP_TX,
+                Some(out(&b, snat_candidate(&b, 1))),
+            ),
+        ],
     );
 }
 

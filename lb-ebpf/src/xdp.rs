@@ -401,18 +401,22 @@ fn snat_port(cfg: &Config, rkey: &mut CtKey, r: &CtVal, hash: u32, now: u64) -> 
             + ((hash.wrapping_add(i.wrapping_mul(0x9e37_79b1))) % range) as u16)
             .to_be();
         rkey.dport = port;
-        let (free, flags) = match ct::lookup(rkey) {
-            None => (true, u64::from(BPF_NOEXIST)),
-            // SAFETY: reads of a live map value. An expired entry, or this client's own
-            // earlier entry, may be replaced.
-            Some(p) => unsafe {
-                let same = (*p).nat2_addr == r.nat2_addr && (*p).nat2_port == r.nat2_port;
-                ((*p).expires <= now || same, 0)
-            },
-        };
-        if free && CT.insert(&*rkey, r, flags).is_ok() {
+        // Most ports are free: claim one first, look at its holder only when that fails.
+        if CT.insert(&*rkey, r, u64::from(BPF_NOEXIST)).is_ok()
+            || (replaceable(rkey, r, now) && CT.insert(&*rkey, r, 0).is_ok())
+        {
             return port;
         }
     }
     0
+}
+
+/// Whether the entry under `rkey` may give way to `r`: it expired, or it is this client's own
+/// earlier entry (a re-created flow).
+#[inline(always)]
+fn replaceable(rkey: &CtKey, r: &CtVal, now: u64) -> bool {
+    // SAFETY: reads of a live map value.
+    ct::lookup(rkey).is_some_and(|p| unsafe {
+        (*p).expires <= now || ((*p).nat2_addr == r.nat2_addr && (*p).nat2_port == r.nat2_port)
+    })
 }
