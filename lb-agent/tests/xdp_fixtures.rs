@@ -13,7 +13,7 @@ use std::process::Command;
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use common::pkt::{self, ACK, CLIENT_MAC, L4, NODE_MAC, Pkt, RST, SYN};
 use lb_agent::{
-    datapath::{BpfDatapath, LoadOptions, TC_EGRESS_PROGRAM, XDP_PROGRAM},
+    datapath::{BpfDatapath, LoadOptions, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, XDP_PROGRAM},
     sync::{Datapath as _, TableLoc},
 };
 use lb_common::{
@@ -151,7 +151,8 @@ impl Fx {
         })
         .expect("loading programs");
         dp.set_config(&v4_config()).unwrap();
-        for name in [XDP_PROGRAM, TC_EGRESS_PROGRAM] {
+        // Every north-south program, so each is verified here (tc ingress is not run).
+        for name in [XDP_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM] {
             let p = dp.ebpf_mut().program_mut(name).unwrap();
             match p {
                 aya::programs::Program::Xdp(x) => load_retrying(|| x.load()),
