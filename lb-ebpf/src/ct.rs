@@ -5,11 +5,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     IPPROTO_TCP,
-    ct::{CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_UDP, Config, CtKey, CtVal, NextHop},
+    ct::{CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_UDP, Config, CtKey, CtVal},
 };
 
 use crate::{
     maps::{BACKENDS, CT},
+    mem,
     parse::{Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -23,6 +24,8 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The packet's own flow. (Padding as `[0, 0, 0]`: `[0; 3]` would be a `memset` call, see
+/// `mem`.)
 #[inline(always)]
 pub fn key_of(h: &Hdr) -> CtKey {
     CtKey {
@@ -31,7 +34,7 @@ pub fn key_of(h: &Hdr) -> CtKey {
         sport: h.sport,
         dport: h.dport,
         proto: h.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 
@@ -43,12 +46,6 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtVal> {
 #[inline(always)]
 pub fn backend_exists(id: u32) -> bool {
     BACKENDS.get_ptr(id).is_some()
-}
-
-/// State after seeing a packet with these TCP flags.
-#[inline(always)]
-pub fn next_state(state: u8, h: &Hdr) -> u8 {
-    state_after(state, h.proto, h.tcp_flags)
 }
 
 /// State after seeing a packet of `proto` with TCP flags `f`.
@@ -79,39 +76,32 @@ pub fn timeout_ns(cfg: &Config, state: u8) -> u64 {
 
 /// Refreshes state and expiry of a hit entry; writes only when something changes noticeably.
 #[inline(always)]
-pub fn touch(v: *mut CtVal, cur: &CtVal, cfg: &Config, h: &Hdr, now: u64) {
-    touch_with(v, cur, cfg, h.proto, h.tcp_flags, now);
+pub fn touch(v: *mut CtVal, cfg: &Config, h: &Hdr, now: u64) {
+    touch_with(v, cfg, h.proto, h.tcp_flags, now);
 }
 
 /// [`touch`] for a packet described by protocol and TCP flags (a tunnelled inner packet).
 #[inline(always)]
-pub fn touch_with(v: *mut CtVal, cur: &CtVal, cfg: &Config, proto: u8, flags: u8, now: u64) {
-    let state = state_after(cur.state, proto, flags);
-    let expires = now + timeout_ns(cfg, state);
-    if state != cur.state || expires > cur.expires + REFRESH_NS {
-        // SAFETY: v points into a live map value; racing writers only write the same fields
-        // with equally valid values.
-        unsafe {
+pub fn touch_with(v: *mut CtVal, cfg: &Config, proto: u8, flags: u8, now: u64) {
+    // SAFETY: v points into a live map value; racing writers only write the same fields with
+    // equally valid values.
+    unsafe {
+        let state = state_after((*v).state, proto, flags);
+        let expires = now + timeout_ns(cfg, state);
+        if state != (*v).state || expires > (*v).expires + REFRESH_NS {
             (*v).state = state;
             (*v).expires = expires;
         }
     }
 }
 
-/// A new entry for `h` (state from its flags).
+/// Makes `v` a new entry for a packet of `proto` with TCP flags `tcp_flags` (its state),
+/// translating nothing yet.
 #[inline(always)]
-pub fn new_val(cfg: &Config, h: &Hdr, now: u64, backend_id: u32, flags: u8) -> CtVal {
-    let state = next_state(CT_NEW, h);
-    CtVal {
-        nat_addr: [0; 4],
-        nat2_addr: [0; 4],
-        expires: now + timeout_ns(cfg, state),
-        backend_id,
-        nat_port: 0,
-        nat2_port: 0,
-        state,
-        flags,
-        _pad: [0; 6],
-        hop: NextHop::default(),
-    }
+pub fn init(v: &mut CtVal, cfg: &Config, proto: u8, tcp_flags: u8, now: u64, flags: u8) {
+    // SAFETY: an all-zero entry is valid.
+    unsafe { mem::zero(v) };
+    v.state = state_after(CT_NEW, proto, tcp_flags);
+    v.expires = now + timeout_ns(cfg, v.state);
+    v.flags = flags;
 }

@@ -2,6 +2,8 @@
 //! (next hop MACs from bpf_fib_lookup) with XDP_TX / redirect for remote ones. Tracked flows
 //! keep their next hop in their conntrack entry ([`forward_via`]).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -16,6 +18,7 @@ use lb_common::{ct::NextHop, types::counter};
 use crate::{
     csum::Diff,
     maps::count,
+    mem,
     nat::Tuple,
     parse::{Hdr, ptr_at},
 };
@@ -117,8 +120,9 @@ fn ingress(ctx: &XdpContext) -> u32 {
 /// a packet that has none.
 #[inline(always)]
 fn lookup(ctx: &XdpContext, h: &Hdr, t: &Tuple, iif: u32) -> Result<NextHop, u32> {
+    let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: plain-old-data, all-zero is a valid request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let p = unsafe { mem::zeroed_in(&mut slot) };
     p.family = if h.v6 { AF_INET6 } else { AF_INET };
     p.l4_protocol = h.proto;
     p.sport = t.sport;
@@ -136,7 +140,7 @@ fn lookup(ctx: &XdpContext, h: &Hdr, t: &Tuple, iif: u32) -> Result<NextHop, u32
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -145,19 +149,17 @@ fn lookup(ctx: &XdpContext, h: &Hdr, t: &Tuple, iif: u32) -> Result<NextHop, u32
         count(counter::XDP_FIB_MISS);
         return Err(XDP_PASS);
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&p.dmac);
-    macs[6..].copy_from_slice(&p.smac);
-    Ok(NextHop {
-        until: 0,
-        iif,
-        oif: p.ifindex,
-        macs,
-        // SAFETY: on success the union holds the route MTU (or, on kernels that leave it, the
-        // length just checked against it): either way, packets up to it fit.
-        mtu: unsafe { p.__bindgen_anon_1.mtu_result },
-        _pad: [0; 2],
-    })
+    let mut slot = MaybeUninit::<NextHop>::uninit();
+    // SAFETY: all-zero is a valid next hop.
+    let hop = unsafe { mem::zeroed_in(&mut slot) };
+    hop.iif = iif;
+    hop.oif = p.ifindex;
+    hop.macs[..6].copy_from_slice(&p.dmac);
+    hop.macs[6..].copy_from_slice(&p.smac);
+    // SAFETY: on success the union holds the route MTU (or, on kernels that leave it, the
+    // length just checked against it): either way, packets up to it fit.
+    hop.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+    Ok(*hop)
 }
 
 /// Sends the rewritten packet `h` to `hop`, one hop less (callers checked `ttl_expired` before

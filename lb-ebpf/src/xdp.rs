@@ -149,14 +149,15 @@ fn reply_inner(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> Option<u32> {
     }
     s.rkey = ct::key_of(h);
     let p = ct::lookup(&s.rkey)?;
-    // SAFETY: copied out of a live map value.
-    s.r = unsafe { *p };
+    // SAFETY: copied out of a live map value (one inlined memcpy; an assignment through a
+    // temporary would be an out-of-line memmove, see `mem`).
+    unsafe { core::ptr::copy_nonoverlapping(p, &raw mut s.r, 1) };
     let (h, v) = (&s.hdr, &s.r);
     if v.flags & CT_F_REPLY == 0 {
         return None;
     }
     let now = ct::now();
-    ct::touch(p, v, cfg, h, now);
+    ct::touch(p, cfg, h, now);
     if fwd::ttl_expired(ctx.data(), ctx.data_end(), h) {
         return Some(TTL_EXPIRED);
     }
@@ -181,7 +182,7 @@ fn reply_inner(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> Option<u32> {
 fn keep_hop(p: *mut CtVal, cached: u64, hop: &NextHop) {
     if hop.until != cached {
         // SAFETY: p points into a live map value; racing writers store equally valid hops.
-        unsafe { (*p).hop = *hop };
+        unsafe { core::ptr::copy_nonoverlapping(hop, &raw mut (*p).hop, 1) };
     }
 }
 
@@ -209,10 +210,10 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
     let now = ct::now();
     s.fkey = ct::key_of(h);
     if let Some(p) = ct::lookup(&s.fkey) {
-        // SAFETY: copied out of a live map value.
-        s.v = unsafe { *p };
+        // SAFETY: copied out of a live map value (see `reply_inner`).
+        unsafe { core::ptr::copy_nonoverlapping(p, &raw mut s.v, 1) };
         if s.v.flags & CT_F_REPLY == 0 && s.v.expires > now && ct::backend_exists(s.v.backend_id) {
-            ct::touch(p, &s.v, cfg, &s.hdr, now);
+            ct::touch(p, cfg, &s.hdr, now);
             count(counter::XDP_CT_HIT);
             account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 0);
             let cached = s.v.hop.until;
@@ -293,11 +294,13 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
         count(counter::XDP_BAD); // family mismatch: never write a mangled address
         return XDP_DROP;
     }
-    s.v = ct::new_val(cfg, h, now, id, 0);
+    ct::init(&mut s.v, cfg, h.proto, h.tcp_flags, now, 0);
+    s.v.backend_id = id;
     s.v.nat_addr = b.addr;
     s.v.nat_port = b.port;
     // The reply entry: backend -> (node or client), translated back to frontend -> client.
-    s.r = ct::new_val(cfg, h, now, id, CT_F_REPLY);
+    ct::init(&mut s.r, cfg, h.proto, h.tcp_flags, now, CT_F_REPLY);
+    s.r.backend_id = id;
     s.r.nat_addr = h.dst;
     s.r.nat_port = h.dport;
     s.rkey = CtKey {
@@ -306,7 +309,7 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
         sport: b.port,
         dport: h.sport,
         proto: h.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     if b.flags & BACKEND_F_LOCAL != 0 {
         s.v.flags |= CT_F_LOCAL;
