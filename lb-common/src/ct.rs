@@ -28,7 +28,7 @@ pub struct CtVal {
     /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) nanoseconds after which the entry is dead: the
     /// datapath treats it as a miss and the agent's GC deletes it.
     pub expires: u64,
-    /// Backend the flow is pinned to (checked to still exist on every hit).
+    /// Backend the flow is pinned to (checked to still exist, see `backends_gen`).
     pub backend_id: u32,
     /// Network order.
     pub nat_port: u16,
@@ -38,7 +38,10 @@ pub struct CtVal {
     pub state: u8,
     /// `CT_F_*`.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The [`Config::backends_gen`] at which `backend_id` was last seen to exist: a hit looks
+    /// the backend up again only once the agent has removed backends since.
+    pub backends_gen: u32,
     /// Where the flow's translated packets leave this node (routed flows; unused for local
     /// backends).
     pub hop: NextHop,
@@ -130,6 +133,10 @@ pub struct Config {
     pub lb_mode: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// Moves on (wrapping) after the agent removes backends, and whenever it writes the
+    /// configuration (a previous agent may have removed some without saying so): conntrack
+    /// hits check that their backend still exists only when this differs from their entry's.
+    pub backends_gen: u32,
 }
 
 /// Key data of the source-range LPM trie: the frontend's group id (always fully matched) then
@@ -148,7 +155,7 @@ const _: () = {
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 40);
-    assert!(core::mem::size_of::<Config>() == 120);
+    assert!(core::mem::size_of::<Config>() == 124);
     assert!(core::mem::size_of::<SrcRangeKey>() == 20);
 };
 

@@ -43,9 +43,27 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtVal> {
     CT.get_ptr_mut(key)
 }
 
+/// The generation of the backend set (`Config::backends_gen`), read once: before any lookup
+/// it vouches for, so a removal that happens meanwhile moves it on after what was seen.
 #[inline(always)]
-pub fn backend_exists(id: u32) -> bool {
-    BACKENDS.get_ptr(id).is_some()
+pub fn backends_gen(cfg: &Config) -> u32 {
+    // SAFETY: a field of a live map value; volatile keeps it a single, early read.
+    unsafe { core::ptr::read_volatile(&cfg.backends_gen) }
+}
+
+/// Whether the backend of entry `v` (at `p`) still exists. Looked up only when the agent has
+/// removed backends since the entry last looked; a live answer is remembered in the entry.
+#[inline(always)]
+pub fn backend_live(p: *mut CtVal, v: &CtVal, generation: u32) -> bool {
+    if v.backends_gen == generation {
+        return true;
+    }
+    if BACKENDS.get_ptr(v.backend_id).is_none() {
+        return false;
+    }
+    // SAFETY: p points into a live map value; racing writers store the same generation.
+    unsafe { (*p).backends_gen = generation };
+    true
 }
 
 /// State after seeing a packet of `proto` with TCP flags `f`.

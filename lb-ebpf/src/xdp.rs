@@ -208,11 +208,13 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
         return XDP_DROP;
     }
     let now = ct::now();
+    let generation = ct::backends_gen(cfg);
     s.fkey = ct::key_of(h);
     if let Some(p) = ct::lookup(&s.fkey) {
         // SAFETY: copied out of a live map value (see `reply_inner`).
         unsafe { core::ptr::copy_nonoverlapping(p, &raw mut s.v, 1) };
-        if s.v.flags & CT_F_REPLY == 0 && s.v.expires > now && ct::backend_exists(s.v.backend_id) {
+        if s.v.flags & CT_F_REPLY == 0 && s.v.expires > now && ct::backend_live(p, &s.v, generation)
+        {
             ct::touch(p, cfg, &s.hdr, now);
             count(counter::XDP_CT_HIT);
             account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 0);
@@ -230,7 +232,7 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
         count(counter::XDP_REJECT);
         return reject(ctx, &s.hdr);
     }
-    match new_flow(s, &svc, cfg, now) {
+    match new_flow(s, &svc, cfg, now, generation) {
         0 => {
             count(counter::XDP_NEW);
             account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 1);
@@ -251,7 +253,7 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
 // be copied onto the 512-byte stack first.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
-fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
+fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64, generation: u32) -> u32 {
     let h = &s.hdr;
     let hash = flow_hash(
         &h.src,
@@ -296,6 +298,8 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
     }
     ct::init(&mut s.v, cfg, h.proto, h.tcp_flags, now, 0);
     s.v.backend_id = id;
+    // Picked from the backend set of `generation` (read before the pick).
+    s.v.backends_gen = generation;
     s.v.nat_addr = b.addr;
     s.v.nat_port = b.port;
     // The reply entry: backend -> (node or client), translated back to frontend -> client.
