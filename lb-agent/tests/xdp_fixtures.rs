@@ -10,7 +10,10 @@ mod common;
 
 use std::process::Command;
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use aya::{
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
 use common::pkt::{self, ACK, CLIENT_MAC, L4, NODE_MAC, Pkt, RST, SYN};
 use lb_agent::{
     datapath::{BpfDatapath, LoadOptions, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, XDP_PROGRAM},
@@ -18,7 +21,8 @@ use lb_agent::{
 };
 use lb_common::{
     AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, MaglevSlot, SCOPE_EXTERNAL,
-    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
+    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcCounters, SvcKey,
+    SvcSlot, SvcVal, addr,
     ct::{CFG_F_SVC_CIDR, Config, LB_MODE_DSR},
     hash::flow_hash,
 };
@@ -649,6 +653,69 @@ fn snat_port_held_by_another_flow_is_skipped() {
             ),
         ],
     );
+}
+
+/// Per-service counters: two groups whose counter slot is the same one (ids 4096 apart) take it
+/// over from each other, and each one's total (moved out plus in its slot) stays exact.
+#[test]
+fn service_counters_survive_groups_sharing_a_slot() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("10.0.1.5", 8080, true);
+    let slot = MaglevSlot {
+        backend: local,
+        prev: 0,
+    };
+    let (a, b) = (1, 1 + lb_common::maps::SVC_HOT_SLOTS);
+    fx.frontend((NODE, 30080, 6), a, slot, 1, 0);
+    fx.frontend((NODE, 30081, 6), b, slot, 1, 0);
+    let to_a = |flags| Pkt::tcp(CLIENT, 40000, NODE, 30080, flags).build();
+    let to_b = |flags| Pkt::tcp(CLIENT, 40001, NODE, 30081, flags).build();
+    for frame in [
+        to_a(SYN),
+        to_a(ACK),
+        to_b(SYN),
+        to_a(ACK),
+        to_b(ACK),
+        to_a(ACK),
+    ] {
+        assert_eq!(fx.xdp(&frame).0, XDP_PASS);
+    }
+    let ebpf = fx.dp.ebpf_mut();
+    let slots: PerCpuArray<_, SvcSlot> =
+        PerCpuArray::try_from(ebpf.map(lb_common::maps::SVC_HOT).unwrap()).unwrap();
+    let slots: Vec<SvcSlot> = slots
+        .iter()
+        .flat_map(|per_cpu| per_cpu.unwrap().iter().copied().collect::<Vec<_>>())
+        .collect();
+    let moved: PerCpuHashMap<_, u32, SvcCounters> =
+        PerCpuHashMap::try_from(ebpf.map(lb_common::maps::SVC_STATS).unwrap()).unwrap();
+    let moved = moved
+        .iter()
+        .map(|e| {
+            let (group, per_cpu) = e.unwrap();
+            let packets = per_cpu.iter().map(|c| c.packets).sum();
+            let connections = per_cpu.iter().map(|c| c.connections).sum();
+            let bytes = per_cpu.iter().map(|c| c.bytes).sum();
+            (
+                group,
+                SvcCounters {
+                    packets,
+                    bytes,
+                    connections,
+                },
+            )
+        })
+        .collect();
+    let totals = lb_agent::stats::totals(moved, &slots);
+    let frame_len = to_a(ACK).len() as u64;
+    for (group, packets) in [(a, 4), (b, 2)] {
+        let t = totals[&group];
+        assert_eq!(
+            (t.packets, t.bytes, t.connections),
+            (packets, packets * frame_len, 1),
+            "group {group}: {totals:?}"
+        );
+    }
 }
 
 #[test]
