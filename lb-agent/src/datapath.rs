@@ -150,6 +150,8 @@ pub struct BpfDatapath {
     tables: tables::Slabs,
     ct: HashMap<MapData, CtKey, CtVal>,
     config: Array<MapData, Config>,
+    /// What `config` holds (written whole: `backends_gen` moves on after backend removals).
+    config_val: Config,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     affinity: HashMap<MapData, AffinityKey, AffinityVal>,
 }
@@ -219,13 +221,16 @@ impl BpfDatapath {
                 });
             }
         }
+        let config: Array<MapData, Config> = take(&mut ebpf, maps::CONFIG)?;
+        let config_val = config.get(&0, 0).unwrap_or_default();
         Ok(Self {
             services,
             backends,
             backends_fd,
             tables,
             ct: take(&mut ebpf, maps::CT)?,
-            config: take(&mut ebpf, maps::CONFIG)?,
+            config,
+            config_val,
             src_ranges: take(&mut ebpf, maps::SRC_RANGES)?,
             affinity: take(&mut ebpf, maps::AFFINITY)?,
             _ebpf: ebpf,
@@ -242,10 +247,20 @@ impl BpfDatapath {
         self.ct.map().info().map(|i| i.max_entries()).unwrap_or(0)
     }
 
-    /// Writes the runtime configuration; programs see it on their next packet.
+    /// Writes the runtime configuration; programs see it on their next packet. Its
+    /// `backends_gen` is the pinned one moved on: a previous agent may have removed backends
+    /// without moving it (a crash in between), so established flows check theirs again.
     pub fn set_config(&mut self, cfg: &Config) -> Result<(), DatapathError> {
+        self.config_val = Config {
+            backends_gen: self.config_val.backends_gen.wrapping_add(1),
+            ..*cfg
+        };
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), DatapathError> {
         self.config
-            .set(0, cfg, 0)
+            .set(0, self.config_val, 0)
             .map_err(|source| DatapathError::Map {
                 name: maps::CONFIG,
                 source,
@@ -591,7 +606,10 @@ impl sync::Datapath for BpfDatapath {
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), DatapathError> {
-        ignore_missing(self.backends.remove(&id), maps::BACKENDS)
+        ignore_missing(self.backends.remove(&id), maps::BACKENDS)?;
+        // Established flows look their backend up again (see `Config::backends_gen`).
+        self.config_val.backends_gen = self.config_val.backends_gen.wrapping_add(1);
+        self.write_config()
     }
 
     fn write_table(&mut self, table: &[MaglevSlot]) -> Result<TableLoc, DatapathError> {

@@ -10,15 +10,19 @@ mod common;
 
 use std::process::Command;
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use aya::{
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
 use common::pkt::{self, ACK, CLIENT_MAC, L4, NODE_MAC, Pkt, RST, SYN};
 use lb_agent::{
-    datapath::{BpfDatapath, LoadOptions, TC_EGRESS_PROGRAM, XDP_PROGRAM},
+    datapath::{BpfDatapath, LoadOptions, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM, XDP_PROGRAM},
     sync::{Datapath as _, TableLoc},
 };
 use lb_common::{
     AFFINITY_CLIENT_IP, AffinityKey, BACKEND_F_LOCAL, Backend, MaglevSlot, SCOPE_EXTERNAL,
-    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey, SvcVal, addr,
+    SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcCounters, SvcKey,
+    SvcSlot, SvcVal, addr,
     ct::{CFG_F_SVC_CIDR, Config, LB_MODE_DSR},
     hash::flow_hash,
 };
@@ -90,6 +94,19 @@ fn v4_config() -> Config {
     cfg
 }
 
+/// Loads a program, again when the kernel gave up with EAGAIN: the verifier stops when a
+/// signal is pending, and the other tests' `ip` children exit meanwhile (libbpf retries too).
+fn load_retrying(mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>) {
+    for _ in 0..4 {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
+            r => return r.unwrap(),
+        }
+    }
+    load().unwrap()
+}
+
 impl Fx {
     fn new() -> Option<Self> {
         if !root() {
@@ -138,11 +155,12 @@ impl Fx {
         })
         .expect("loading programs");
         dp.set_config(&v4_config()).unwrap();
-        for name in [XDP_PROGRAM, TC_EGRESS_PROGRAM] {
+        // Every north-south program, so each is verified here (tc ingress is not run).
+        for name in [XDP_PROGRAM, TC_EGRESS_PROGRAM, TC_INGRESS_PROGRAM] {
             let p = dp.ebpf_mut().program_mut(name).unwrap();
             match p {
-                aya::programs::Program::Xdp(x) => x.load().unwrap(),
-                aya::programs::Program::SchedClassifier(c) => c.load().unwrap(),
+                aya::programs::Program::Xdp(x) => load_retrying(|| x.load()),
+                aya::programs::Program::SchedClassifier(c) => load_retrying(|| c.load()),
                 _ => unreachable!(),
             }
         }
@@ -296,7 +314,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The SNAT port the datapath tries first for `p`'s flow.
 fn snat_port(p: &Pkt) -> u16 {
+    snat_candidate(p, 0)
+}
+
+/// The `i`-th SNAT port the datapath tries for `p`'s flow.
+fn snat_candidate(p: &Pkt, i: u32) -> u16 {
     let (sport, dport) = match p.l4 {
         L4::Tcp { sport, dport, .. }
         | L4::Udp { sport, dport }
@@ -311,6 +335,7 @@ fn snat_port(p: &Pkt) -> u16 {
         p.proto(),
         false,
     );
+    let h = h.wrapping_add(i.wrapping_mul(0x9e37_79b1));
     SNAT_MIN + (h % u32::from(SNAT_MAX - SNAT_MIN + 1)) as u16
 }
 
@@ -473,6 +498,224 @@ fn nodeport_local_remote_and_reply() {
         8,
         "forward + reply entry for each of 4 flows: {ct:?}"
     );
+}
+
+/// Routed flows keep their next hop (MACs, interface, MTU) in their conntrack entries instead
+/// of a FIB lookup per packet: a changed neighbour is used once the cached hop is older than
+/// its revalidation period (1 s), not before; the reply direction caches its own.
+#[test]
+fn next_hop_cached_in_conntrack_and_refreshed() {
+    let Some(mut fx) = Fx::new() else { return };
+    let remote = fx.backend("10.0.2.5", 8080, false);
+    fx.frontend(
+        (NODE, 30081, 6),
+        2,
+        MaglevSlot {
+            backend: remote,
+            prev: 0,
+        },
+        1,
+        0,
+    );
+    let syn = Pkt::tcp(CLIENT, 40001, NODE, 30081, SYN);
+    let ack = Pkt::tcp(CLIENT, 40001, NODE, 30081, ACK);
+    let port = snat_port(&syn);
+    let to_node2 = |p: &Pkt, mac: [u8; 6]| {
+        let mut out = with_dst(p, "10.0.2.5", 8080);
+        out.src = NODE.parse().unwrap();
+        set_ports(&mut out, Some(port), None);
+        out.src_mac = NODE_MAC;
+        out.dst_mac = mac;
+        out.ttl = 63;
+        out.build()
+    };
+    let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, port, SYN | ACK);
+    reply.src_mac = NODE2_MAC;
+    let mut reply_out = Pkt::tcp(NODE, 30081, CLIENT, 40001, SYN | ACK);
+    reply_out.src_mac = NODE_MAC;
+    reply_out.dst_mac = CLIENT_MAC;
+    reply_out.ttl = 63;
+    table(
+        &mut fx,
+        vec![
+            ("syn", syn.build(), XDP_TX, Some(to_node2(&syn, NODE2_MAC))),
+            ("reply", reply.build(), XDP_TX, Some(reply_out.build())),
+        ],
+    );
+    // The entries by source: the client's (original direction), the backend's (reply).
+    let hop_of = |fx: &Fx, src: &str| {
+        let entries = fx.dp.ct_entries();
+        entries
+            .iter()
+            .find(|(k, _)| k.src == a(src))
+            .map(|(_, v)| v.hop)
+            .unwrap_or_else(|| panic!("no conntrack entry from {src}: {entries:?}"))
+    };
+    let (fwd, rev) = (hop_of(&fx, CLIENT), hop_of(&fx, "10.0.2.5"));
+    assert_eq!(fwd.macs, [NODE2_MAC, NODE_MAC].concat()[..]);
+    assert_eq!(rev.macs, [CLIENT_MAC, NODE_MAC].concat()[..]);
+    for hop in [fwd, rev] {
+        assert_eq!((hop.iif, hop.oif), (fx.ifindex, fx.ifindex), "{hop:?}");
+        // At least the packet it was looked up for fits (40-byte IP datagrams here).
+        assert!(hop.until > 0 && hop.mtu >= 40, "{hop:?}");
+    }
+
+    // node2 moves to another MAC: the cached hop is still used within its period...
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x33];
+    ip(&format!(
+        "neigh replace 192.168.0.3 lladdr {} dev veth0 nud permanent",
+        mac(NEW_MAC)
+    ));
+    table(
+        &mut fx,
+        vec![(
+            "cached",
+            ack.build(),
+            XDP_TX,
+            Some(to_node2(&ack, NODE2_MAC)),
+        )],
+    );
+    assert_eq!(
+        hop_of(&fx, CLIENT),
+        fwd,
+        "a fresh hop is not looked up again"
+    );
+    // ... and looked up again once it is older than that.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    table(
+        &mut fx,
+        vec![(
+            "refreshed",
+            ack.build(),
+            XDP_TX,
+            Some(to_node2(&ack, NEW_MAC)),
+        )],
+    );
+    let refreshed = hop_of(&fx, CLIENT);
+    assert_eq!(refreshed.macs, [NEW_MAC, NODE_MAC].concat()[..]);
+    assert!(refreshed.until > fwd.until);
+    // A packet longer than the cached hop's MTU is looked up again and gets the kernel's
+    // answer (too big: to the kernel, translated, which then sends "fragmentation needed").
+    let big = ack.clone().payload(&[0x55; 1600]);
+    let mut big_out = with_dst(&big, "10.0.2.5", 8080);
+    big_out.src = NODE.parse().unwrap();
+    set_ports(&mut big_out, Some(port), None);
+    table(
+        &mut fx,
+        vec![(
+            "longer than the MTU",
+            big.build(),
+            XDP_PASS,
+            Some(big_out.build()),
+        )],
+    );
+}
+
+/// A new flow whose first SNAT port is held by another live flow takes its next candidate.
+#[test]
+fn snat_port_held_by_another_flow_is_skipped() {
+    let Some(mut fx) = Fx::new() else { return };
+    let remote = fx.backend("10.0.2.5", 8080, false);
+    fx.frontend(
+        (NODE, 30081, 6),
+        2,
+        MaglevSlot {
+            backend: remote,
+            prev: 0,
+        },
+        1,
+        0,
+    );
+    let syn = |sport| Pkt::tcp(CLIENT, sport, NODE, 30081, SYN);
+    let first = snat_port(&syn(30000));
+    let other = (30001..40000)
+        .find(|&p| snat_port(&syn(p)) == first && snat_candidate(&syn(p), 1) != first)
+        .expect("two flows with the same first SNAT port");
+    let out = |p: &Pkt, port| {
+        let mut out = with_dst(p, "10.0.2.5", 8080);
+        out.src = NODE.parse().unwrap();
+        set_ports(&mut out, Some(port), None);
+        out.src_mac = NODE_MAC;
+        out.dst_mac = NODE2_MAC;
+        out.ttl = 63;
+        out.build()
+    };
+    let (a, b) = (syn(30000), syn(other));
+    table(
+        &mut fx,
+        vec![
+            ("first flow", a.build(), XDP_TX, Some(out(&a, first))),
+            (
+                "second flow, same first port: the next one",
+                b.build(),
+                XDP_TX,
+                Some(out(&b, snat_candidate(&b, 1))),
+            ),
+        ],
+    );
+}
+
+/// Per-service counters: two groups whose counter slot is the same one (ids 4096 apart) take it
+/// over from each other, and each one's total (moved out plus in its slot) stays exact.
+#[test]
+fn service_counters_survive_groups_sharing_a_slot() {
+    let Some(mut fx) = Fx::new() else { return };
+    let local = fx.backend("10.0.1.5", 8080, true);
+    let slot = MaglevSlot {
+        backend: local,
+        prev: 0,
+    };
+    let (a, b) = (1, 1 + lb_common::maps::SVC_HOT_SLOTS);
+    fx.frontend((NODE, 30080, 6), a, slot, 1, 0);
+    fx.frontend((NODE, 30081, 6), b, slot, 1, 0);
+    let to_a = |flags| Pkt::tcp(CLIENT, 40000, NODE, 30080, flags).build();
+    let to_b = |flags| Pkt::tcp(CLIENT, 40001, NODE, 30081, flags).build();
+    for frame in [
+        to_a(SYN),
+        to_a(ACK),
+        to_b(SYN),
+        to_a(ACK),
+        to_b(ACK),
+        to_a(ACK),
+    ] {
+        assert_eq!(fx.xdp(&frame).0, XDP_PASS);
+    }
+    let ebpf = fx.dp.ebpf_mut();
+    let slots: PerCpuArray<_, SvcSlot> =
+        PerCpuArray::try_from(ebpf.map(lb_common::maps::SVC_HOT).unwrap()).unwrap();
+    let slots: Vec<SvcSlot> = slots
+        .iter()
+        .flat_map(|per_cpu| per_cpu.unwrap().iter().copied().collect::<Vec<_>>())
+        .collect();
+    let moved: PerCpuHashMap<_, u32, SvcCounters> =
+        PerCpuHashMap::try_from(ebpf.map(lb_common::maps::SVC_STATS).unwrap()).unwrap();
+    let moved = moved
+        .iter()
+        .map(|e| {
+            let (group, per_cpu) = e.unwrap();
+            let packets = per_cpu.iter().map(|c| c.packets).sum();
+            let connections = per_cpu.iter().map(|c| c.connections).sum();
+            let bytes = per_cpu.iter().map(|c| c.bytes).sum();
+            (
+                group,
+                SvcCounters {
+                    packets,
+                    bytes,
+                    connections,
+                },
+            )
+        })
+        .collect();
+    let totals = lb_agent::stats::totals(moved, &slots);
+    let frame_len = to_a(ACK).len() as u64;
+    for (group, packets) in [(a, 4), (b, 2)] {
+        let t = totals[&group];
+        assert_eq!(
+            (t.packets, t.bytes, t.connections),
+            (packets, packets * frame_len, 1),
+            "group {group}: {totals:?}"
+        );
+    }
 }
 
 #[test]

@@ -28,7 +28,7 @@ pub struct CtVal {
     /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) nanoseconds after which the entry is dead: the
     /// datapath treats it as a miss and the agent's GC deletes it.
     pub expires: u64,
-    /// Backend the flow is pinned to (checked to still exist on every hit).
+    /// Backend the flow is pinned to (checked to still exist, see `backends_gen`).
     pub backend_id: u32,
     /// Network order.
     pub nat_port: u16,
@@ -38,7 +38,32 @@ pub struct CtVal {
     pub state: u8,
     /// `CT_F_*`.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The [`Config::backends_gen`] at which `backend_id` was last seen to exist: a hit looks
+    /// the backend up again only once the agent has removed backends since.
+    pub backends_gen: u32,
+    /// Where the flow's translated packets leave this node (routed flows; unused for local
+    /// backends).
+    pub hop: NextHop,
+}
+
+/// A `bpf_fib_lookup` result kept with a routed flow, so its packets are not looked up one by
+/// one. It is looked up again once `until` has passed (routes and neighbours change), for a
+/// packet arriving on another interface, and for one longer than `mtu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NextHop {
+    /// `CLOCK_MONOTONIC` nanoseconds until which it is used as it is; 0 when nothing is cached.
+    pub until: u64,
+    /// The interface the lookup was made for (the packet's ingress).
+    pub iif: u32,
+    /// The interface the packet leaves through.
+    pub oif: u32,
+    /// Destination MAC, then source MAC.
+    pub macs: [u8; 12],
+    /// The route's MTU.
+    pub mtu: u16,
+    pub _pad: [u8; 2],
 }
 
 pub const CT_F_REPLY: u8 = 1 << 0;
@@ -108,6 +133,10 @@ pub struct Config {
     pub lb_mode: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// Moves on (wrapping) after the agent removes backends, and whenever it writes the
+    /// configuration (a previous agent may have removed some without saying so): conntrack
+    /// hits check that their backend still exists only when this differs from their entry's.
+    pub backends_gen: u32,
 }
 
 /// Key data of the source-range LPM trie: the frontend's group id (always fully matched) then
@@ -122,10 +151,11 @@ pub struct SrcRangeKey {
 
 const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtVal>() == 56);
+    assert!(core::mem::size_of::<CtVal>() == 88);
+    assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragVal>() == 40);
-    assert!(core::mem::size_of::<Config>() == 120);
+    assert!(core::mem::size_of::<Config>() == 124);
     assert!(core::mem::size_of::<SrcRangeKey>() == 20);
 };
 
@@ -172,6 +202,7 @@ mod pod {
     // SAFETY: repr(C) integer aggregates without implicit padding (sizes asserted above).
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtVal {}
+    unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragVal {}
     unsafe impl aya::Pod for super::Config {}

@@ -28,16 +28,21 @@ pub const SRC_RANGES: &str = "KPLB_SRC_RANGE";
 
 /// sessionAffinity: ClientIP (LRU): [`crate::AffinityKey`] -> [`crate::AffinityVal`].
 pub const AFFINITY: &str = "KPLB_AFFINITY";
-/// Per-service-port counters: group id -> per-CPU [`crate::SvcCounters`].
+/// Per-service-port counters moved out of [`SVC_HOT`]: group id -> per-CPU
+/// [`crate::SvcCounters`] (LRU).
 pub const SVC_STATS: &str = "KPLB_SVC_STATS";
+/// Per-service-port counters by slot (`group % SVC_HOT_SLOTS`): per-CPU [`crate::SvcSlot`]s,
+/// counted into without a hash lookup.
+pub const SVC_HOT: &str = "KPLB_SVC_HOT";
 
 /// Per-CPU scratch slot of the north-south programs (parsed headers); private to one loaded
 /// object, never pinned.
 pub const SCRATCH: &str = "KPLB_SCRATCH";
 
 /// Every map the agent pins under `--bpffs-dir`, in creation order.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     SERVICES, BACKENDS, MAGLEV, REV_SK, STATS, CT, FRAG, CONFIG, SRC_RANGES, AFFINITY, SVC_STATS,
+    SVC_HOT,
 ];
 
 pub const DEFAULT_CT_MAX: u32 = 262_144;
@@ -53,6 +58,9 @@ pub const MAX_BACKENDS: u32 = 262_144;
 /// Group ids in the per-service counters (an LRU: idle groups may lose their counters).
 pub const MAX_GROUPS: u32 = 65_536;
 pub const MAX_REV_SK: u32 = 262_144;
+/// Slots of [`SVC_HOT`] per CPU (groups with traffic beyond this share slots, taking them
+/// over from each other).
+pub const SVC_HOT_SLOTS: u32 = 4096;
 /// Clients x services remembered for sessionAffinity (the least recently used go first).
 pub const MAX_AFFINITY: u32 = 65_536;
 

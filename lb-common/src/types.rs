@@ -143,14 +143,28 @@ pub struct AffinityVal {
     pub last_ns: u64,
 }
 
-/// Per-service-port traffic (per CPU), keyed by group id in [`crate::maps::SVC_STATS`]: packets
-/// and bytes the XDP path translated towards backends, and connections the socket path balanced.
+/// Per-service-port traffic (per CPU), in [`SvcSlot`]s and keyed by group id in
+/// [`crate::maps::SVC_STATS`]: packets and bytes the XDP path translated towards backends, and
+/// connections the socket and XDP paths balanced.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SvcCounters {
     pub packets: u64,
     pub bytes: u64,
     pub connections: u64,
+}
+
+/// A slot of [`crate::maps::SVC_HOT`] (per CPU, index `group % SVC_HOT_SLOTS`): the counters
+/// of group `group` since it took the slot. A group that finds another one in its slot moves
+/// that one's counters to [`crate::maps::SVC_STATS`] and takes the slot over; a group's total
+/// is its slots plus its `SVC_STATS` entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcSlot {
+    /// Group id; 0 for a slot never taken (ids are never 0).
+    pub group: u32,
+    pub _pad: u32,
+    pub counters: SvcCounters,
 }
 
 /// Indices into the per-CPU [`crate::maps::STATS`] array.
@@ -204,6 +218,7 @@ const _: () = {
     assert!(core::mem::size_of::<RevSkVal>() == 20);
     assert!(core::mem::size_of::<MaglevSlot>() == 8);
     assert!(core::mem::size_of::<SvcCounters>() == 24);
+    assert!(core::mem::size_of::<SvcSlot>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -217,6 +232,7 @@ mod pod {
     unsafe impl aya::Pod for super::RevSkVal {}
     unsafe impl aya::Pod for super::MaglevSlot {}
     unsafe impl aya::Pod for super::SvcCounters {}
+    unsafe impl aya::Pod for super::SvcSlot {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityVal {}
 }

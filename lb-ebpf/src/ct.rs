@@ -10,6 +10,7 @@ use lb_common::{
 
 use crate::{
     maps::{BACKENDS, CT},
+    mem,
     parse::{Hdr, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -23,6 +24,8 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The packet's own flow. (Padding as `[0, 0, 0]`: `[0; 3]` would be a `memset` call, see
+/// `mem`.)
 #[inline(always)]
 pub fn key_of(h: &Hdr) -> CtKey {
     CtKey {
@@ -31,7 +34,7 @@ pub fn key_of(h: &Hdr) -> CtKey {
         sport: h.sport,
         dport: h.dport,
         proto: h.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 
@@ -40,15 +43,27 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtVal> {
     CT.get_ptr_mut(key)
 }
 
+/// The generation of the backend set (`Config::backends_gen`), read once: before any lookup
+/// it vouches for, so a removal that happens meanwhile moves it on after what was seen.
 #[inline(always)]
-pub fn backend_exists(id: u32) -> bool {
-    BACKENDS.get_ptr(id).is_some()
+pub fn backends_gen(cfg: &Config) -> u32 {
+    // SAFETY: a field of a live map value; volatile keeps it a single, early read.
+    unsafe { core::ptr::read_volatile(&cfg.backends_gen) }
 }
 
-/// State after seeing a packet with these TCP flags.
+/// Whether the backend of entry `v` (at `p`) still exists. Looked up only when the agent has
+/// removed backends since the entry last looked; a live answer is remembered in the entry.
 #[inline(always)]
-pub fn next_state(state: u8, h: &Hdr) -> u8 {
-    state_after(state, h.proto, h.tcp_flags)
+pub fn backend_live(p: *mut CtVal, v: &CtVal, generation: u32) -> bool {
+    if v.backends_gen == generation {
+        return true;
+    }
+    if BACKENDS.get_ptr(v.backend_id).is_none() {
+        return false;
+    }
+    // SAFETY: p points into a live map value; racing writers store the same generation.
+    unsafe { (*p).backends_gen = generation };
+    true
 }
 
 /// State after seeing a packet of `proto` with TCP flags `f`.
@@ -79,38 +94,32 @@ pub fn timeout_ns(cfg: &Config, state: u8) -> u64 {
 
 /// Refreshes state and expiry of a hit entry; writes only when something changes noticeably.
 #[inline(always)]
-pub fn touch(v: *mut CtVal, cur: &CtVal, cfg: &Config, h: &Hdr, now: u64) {
-    touch_with(v, cur, cfg, h.proto, h.tcp_flags, now);
+pub fn touch(v: *mut CtVal, cfg: &Config, h: &Hdr, now: u64) {
+    touch_with(v, cfg, h.proto, h.tcp_flags, now);
 }
 
 /// [`touch`] for a packet described by protocol and TCP flags (a tunnelled inner packet).
 #[inline(always)]
-pub fn touch_with(v: *mut CtVal, cur: &CtVal, cfg: &Config, proto: u8, flags: u8, now: u64) {
-    let state = state_after(cur.state, proto, flags);
-    let expires = now + timeout_ns(cfg, state);
-    if state != cur.state || expires > cur.expires + REFRESH_NS {
-        // SAFETY: v points into a live map value; racing writers only write the same fields
-        // with equally valid values.
-        unsafe {
+pub fn touch_with(v: *mut CtVal, cfg: &Config, proto: u8, flags: u8, now: u64) {
+    // SAFETY: v points into a live map value; racing writers only write the same fields with
+    // equally valid values.
+    unsafe {
+        let state = state_after((*v).state, proto, flags);
+        let expires = now + timeout_ns(cfg, state);
+        if state != (*v).state || expires > (*v).expires + REFRESH_NS {
             (*v).state = state;
             (*v).expires = expires;
         }
     }
 }
 
-/// A new entry for `h` (state from its flags).
+/// Makes `v` a new entry for a packet of `proto` with TCP flags `tcp_flags` (its state),
+/// translating nothing yet.
 #[inline(always)]
-pub fn new_val(cfg: &Config, h: &Hdr, now: u64, backend_id: u32, flags: u8) -> CtVal {
-    let state = next_state(CT_NEW, h);
-    CtVal {
-        nat_addr: [0; 4],
-        nat2_addr: [0; 4],
-        expires: now + timeout_ns(cfg, state),
-        backend_id,
-        nat_port: 0,
-        nat2_port: 0,
-        state,
-        flags,
-        _pad: [0; 6],
-    }
+pub fn init(v: &mut CtVal, cfg: &Config, proto: u8, tcp_flags: u8, now: u64, flags: u8) {
+    // SAFETY: an all-zero entry is valid.
+    unsafe { mem::zero(v) };
+    v.state = state_after(CT_NEW, proto, tcp_flags);
+    v.expires = now + timeout_ns(cfg, v.state);
+    v.flags = flags;
 }

@@ -10,6 +10,8 @@
 //! may share one `pod:targetPort`): type 0x9e (copied, class 0, number 30, the RFC 4727
 //! experimental value), length 8, port, address. Outer header: 28 bytes.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -22,7 +24,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, addr,
-    ct::{CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_NEW, Config, CtKey, LB_MODE_DSR},
+    ct::{CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, Config, CtKey, LB_MODE_DSR},
     types::counter,
 };
 
@@ -30,6 +32,7 @@ use crate::{
     csum::fold,
     ct, fwd,
     maps::{CT, Scratch, count},
+    mem,
     nat::{self, Tuple},
     parse::{Frag, Hdr, ptr_at},
 };
@@ -127,8 +130,9 @@ pub fn encap(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
     };
     // SAFETY: bounds checked.
     let df = unsafe { (*ff)[0] } & 0x40;
+    let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: plain-old-data, all-zero is a valid request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let p = unsafe { mem::zeroed_in(&mut slot) };
     p.family = AF_INET;
     p.l4_protocol = IPPROTO_IPIP;
     p.__bindgen_anon_1.tot_len = (inner_len + ENCAP_LEN) as u16;
@@ -141,7 +145,7 @@ pub fn encap(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -283,7 +287,7 @@ fn decap_inner(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> Option<u32> {
         sport: pw[1],
         dport: pw[0],
         proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     let now = ct::now();
     let known = match ct::lookup(&s.rkey) {
@@ -291,24 +295,23 @@ fn decap_inner(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> Option<u32> {
         Some(p) => unsafe {
             let same = (*p).nat_addr == fe_addr && (*p).nat_port == fe_port;
             if same {
-                let cur = *p;
-                ct::touch_with(p, &cur, cfg, proto, tcp_flags, now);
+                ct::touch_with(p, cfg, proto, tcp_flags, now);
             }
             same
         },
         None => false,
     };
     if !known {
-        let state = ct::state_after(CT_NEW, proto, tcp_flags);
+        ct::init(
+            &mut s.r,
+            cfg,
+            proto,
+            tcp_flags,
+            now,
+            CT_F_REPLY | CT_F_LOCAL | CT_F_DSR,
+        );
         s.r.nat_addr = fe_addr;
         s.r.nat_port = fe_port;
-        s.r.nat2_addr = [0; 4];
-        s.r.nat2_port = 0;
-        s.r.expires = now + ct::timeout_ns(cfg, state);
-        s.r.backend_id = 0;
-        s.r.state = state;
-        s.r.flags = CT_F_REPLY | CT_F_LOCAL | CT_F_DSR;
-        s.r._pad = [0; 6];
         CT.insert(&s.rkey, &s.r, 0).ok()?;
     }
     // Strip the outer header: the Ethernet header moves up over it.

@@ -25,7 +25,7 @@ fn key(h: &Hdr) -> FragKey {
         dst: h.dst,
         id: h.frag_id,
         proto: h.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 

@@ -1,5 +1,8 @@
 //! Sending a translated packet on: to the kernel for local backends, or out through the FIB
-//! (next hop MACs from bpf_fib_lookup) with XDP_TX / redirect for remote ones.
+//! (next hop MACs from bpf_fib_lookup) with XDP_TX / redirect for remote ones. Tracked flows
+//! keep their next hop in their conntrack entry ([`forward_via`]).
+
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -10,11 +13,12 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::types::counter;
+use lb_common::{ct::NextHop, types::counter};
 
 use crate::{
     csum::Diff,
     maps::count,
+    mem,
     nat::Tuple,
     parse::{Hdr, ptr_at},
 };
@@ -65,26 +69,67 @@ pub fn decrement_ttl(data: usize, end: usize, h: &Hdr) -> Option<()> {
     Some(())
 }
 
-/// Forwards the (already rewritten) packet `h` towards `t.dst`, one hop less. Anything the FIB
-/// cannot resolve right now (no neighbour entry yet, VLAN sub-interfaces) goes to the kernel,
-/// which forwards the translated packet itself (and decrements the TTL then).
+/// How long a flow's next hop is used before it is looked up again.
+const HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// Forwards the (already rewritten) packet `h` towards `t.dst`, one hop less, looking the next
+/// hop up for this packet alone. Anything the FIB cannot resolve right now (no neighbour entry
+/// yet, VLAN sub-interfaces) goes to the kernel, which forwards the translated packet itself
+/// (and decrements the TTL then).
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, h: &Hdr, t: &Tuple) -> u32 {
-    let (v6, proto, ip_len) = (h.v6, h.proto, (h.l3_end - h.l3) as u16);
     if h.vlan {
         return XDP_PASS;
     }
+    let iif = ingress(ctx);
+    match lookup(ctx, h, t, iif) {
+        Ok(hop) => send(ctx, h, &hop, iif),
+        Err(verdict) => verdict,
+    }
+}
+
+/// [`forward`] for a packet of a tracked flow through the flow's next hop `hop`, which is
+/// looked up again (and replaced) when it is stale, was resolved for another ingress, or has a
+/// smaller MTU than the packet (the fresh lookup then gives the kernel's answer).
+#[inline(never)]
+pub fn forward_via(ctx: &XdpContext, h: &Hdr, t: &Tuple, hop: &mut NextHop, now: u64) -> u32 {
+    if h.vlan {
+        return XDP_PASS;
+    }
+    let iif = ingress(ctx);
+    let len = (h.l3_end - h.l3) as u16;
+    if hop.until <= now || hop.iif != iif || len > hop.mtu {
+        match lookup(ctx, h, t, iif) {
+            Ok(fresh) => {
+                *hop = fresh;
+                hop.until = now + HOP_TTL_NS;
+            }
+            Err(verdict) => return verdict,
+        }
+    }
+    send(ctx, h, hop, iif)
+}
+
+#[inline(always)]
+fn ingress(ctx: &XdpContext) -> u32 {
+    // SAFETY: context field read.
+    unsafe { (*ctx.ctx).ingress_ifindex }
+}
+
+/// The next hop towards `t.dst` for `h` arriving on `iif` (`until` left 0), or the verdict for
+/// a packet that has none.
+#[inline(always)]
+fn lookup(ctx: &XdpContext, h: &Hdr, t: &Tuple, iif: u32) -> Result<NextHop, u32> {
+    let mut slot = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: plain-old-data, all-zero is a valid request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = if v6 { AF_INET6 } else { AF_INET };
-    p.l4_protocol = proto;
+    let p = unsafe { mem::zeroed_in(&mut slot) };
+    p.family = if h.v6 { AF_INET6 } else { AF_INET };
+    p.l4_protocol = h.proto;
     p.sport = t.sport;
     p.dport = t.dport;
-    p.__bindgen_anon_1.tot_len = ip_len;
-    // SAFETY: context field read.
-    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    p.ifindex = ingress;
-    if v6 {
+    p.__bindgen_anon_1.tot_len = (h.l3_end - h.l3) as u16;
+    p.ifindex = iif;
+    if h.v6 {
         p.__bindgen_anon_3.ipv6_src = t.src;
         p.__bindgen_anon_4.ipv6_dst = t.dst;
     } else {
@@ -95,35 +140,44 @@ pub fn forward(ctx: &XdpContext, h: &Hdr, t: &Tuple) -> u32 {
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         count(counter::XDP_FIB_MISS);
-        return XDP_PASS;
+        return Err(XDP_PASS);
     }
-    // Callers checked `ttl_expired` before translating; on XDP_PASS the kernel decrements.
+    let mut slot = MaybeUninit::<NextHop>::uninit();
+    // SAFETY: all-zero is a valid next hop.
+    let hop = unsafe { mem::zeroed_in(&mut slot) };
+    hop.iif = iif;
+    hop.oif = p.ifindex;
+    hop.macs[..6].copy_from_slice(&p.dmac);
+    hop.macs[6..].copy_from_slice(&p.smac);
+    // SAFETY: on success the union holds the route MTU (or, on kernels that leave it, the
+    // length just checked against it): either way, packets up to it fit.
+    hop.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+    Ok(*hop)
+}
+
+/// Sends the rewritten packet `h` to `hop`, one hop less (callers checked `ttl_expired` before
+/// translating).
+#[inline(always)]
+fn send(ctx: &XdpContext, h: &Hdr, hop: &NextHop, iif: u32) -> u32 {
     if decrement_ttl(ctx.data(), ctx.data_end(), h).is_none() {
         return XDP_PASS;
     }
     let Some(eth) = ptr_at::<[u8; 12]>(ctx.data(), ctx.data_end(), 0) else {
         return XDP_PASS;
     };
-    let mut macs = [0u8; 12];
-    let mut i = 0;
-    while i < 6 {
-        macs[i] = p.dmac[i];
-        macs[6 + i] = p.smac[i];
-        i += 1;
-    }
     // SAFETY: bounds checked.
-    unsafe { eth.write_unaligned(macs) };
-    if p.ifindex == ingress {
+    unsafe { eth.write_unaligned(hop.macs) };
+    if hop.oif == iif {
         XDP_TX
     } else {
         // SAFETY: helper call.
-        unsafe { bpf_redirect(p.ifindex, 0) as u32 }
+        unsafe { bpf_redirect(hop.oif, 0) as u32 }
     }
 }

@@ -52,7 +52,7 @@ fn key_of_quote(isrc: &[u32; 4], idst: &[u32; 4], pw: &[u16; 4], proto: u8) -> C
         sport: pw[1],
         dport: pw[0],
         proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 

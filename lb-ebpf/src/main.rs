@@ -10,6 +10,7 @@ mod frag;
 mod fwd;
 mod icmp;
 mod maps;
+mod mem;
 mod nat;
 mod parse;
 mod reject;

@@ -7,17 +7,19 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SvcCounters, SvcKey, SvcVal,
+    AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SvcCounters, SvcKey,
+    SvcSlot, SvcVal,
     ct::{Config, CtKey, CtVal, FragKey, FragVal, SrcRangeKey},
     maps::{
         BPF_F_NO_PREALLOC, DEFAULT_CT_MAX, MAGLEV_MAX_SLABS, MAGLEV_SLAB_MIN_SLOTS,
         MAGLEV_TABLE_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_FRAGS, MAX_GROUPS, MAX_REV_SK,
-        MAX_SERVICES, MAX_SRC_RANGES,
+        MAX_SERVICES, MAX_SRC_RANGES, SVC_HOT_SLOTS,
     },
     types::counter,
 };
 
 use crate::{
+    mem,
     nat::Tuple,
     parse::{Hdr, Skip, parse_into},
 };
@@ -76,8 +78,14 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8, { MAX_SRC_RANGES as usize }> = L
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityVal, { MAX_AFFINITY as usize }> =
     LruHashMap::new();
 
-/// Per-service-port counters. Group ids are not dense, so a per-CPU LRU hash (an idle service's
-/// entry may be evicted: counters are best effort, like any Prometheus counter reset).
+/// Per-service-port counters, counted into by slot (`SvcSlot`): a per-CPU array lookup per
+/// packet instead of a hash lookup.
+#[btf_map(name = "KPLB_SVC_HOT")]
+static SVC_HOT: PerCpuArray<SvcSlot, { SVC_HOT_SLOTS as usize }> = PerCpuArray::new();
+
+/// Counters moved out of `SVC_HOT` when another group took their slot. Group ids are not
+/// dense, so a per-CPU LRU hash (an idle service's entry may be evicted: counters are best
+/// effort, like any Prometheus counter reset).
 #[btf_map(name = "KPLB_SVC_STATS")]
 static SVC_STATS: LruPerCpuHashMap<u32, SvcCounters, { MAX_GROUPS as usize }> =
     LruPerCpuHashMap::new();
@@ -85,20 +93,36 @@ static SVC_STATS: LruPerCpuHashMap<u32, SvcCounters, { MAX_GROUPS as usize }> =
 /// Adds to group `group`'s counters on this CPU.
 #[inline(always)]
 pub fn account(group: u32, packets: u64, bytes: u64, connections: u64) {
+    let Some(slot) = SVC_HOT.get_ptr_mut(group % SVC_HOT_SLOTS) else {
+        return;
+    };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    unsafe {
+        if (*slot).group != group {
+            if (*slot).group != 0 {
+                move_out((*slot).group, &(*slot).counters);
+            }
+            (*slot).group = group;
+            mem::zero(&raw mut (*slot).counters);
+        }
+        (*slot).counters.packets += packets;
+        (*slot).counters.bytes += bytes;
+        (*slot).counters.connections += connections;
+    }
+}
+
+/// Adds `c` to group `group`'s `SVC_STATS` entry on this CPU (its slot is being taken).
+#[inline(never)]
+fn move_out(group: u32, c: &SvcCounters) {
     match SVC_STATS.get_ptr_mut(group) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
-        Some(c) => unsafe {
-            (*c).packets += packets;
-            (*c).bytes += bytes;
-            (*c).connections += connections;
+        Some(t) => unsafe {
+            (*t).packets += c.packets;
+            (*t).bytes += c.bytes;
+            (*t).connections += c.connections;
         },
         None => {
-            let first = SvcCounters {
-                packets,
-                bytes,
-                connections,
-            };
-            let _ = SVC_STATS.insert(group, first, 0);
+            let _ = SVC_STATS.insert(group, *c, 0);
         }
     }
 }

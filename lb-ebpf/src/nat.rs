@@ -20,9 +20,15 @@ pub struct Tuple {
 #[inline(always)]
 fn write_addr(data: usize, end: usize, off: usize, a: &[u32; 4], v6: bool) -> Option<()> {
     if v6 {
-        let p = ptr_at::<[u32; 4]>(data, end, off)?;
-        // SAFETY: bounds checked.
-        unsafe { p.write_unaligned(*a) };
+        let p = ptr_at::<[u32; 4]>(data, end, off)?.cast::<u32>();
+        // SAFETY: bounds checked. Word by word: a whole-array write would be a call to an
+        // out-of-line memmove (see `mem`).
+        unsafe {
+            p.write_unaligned(a[0]);
+            p.add(1).write_unaligned(a[1]);
+            p.add(2).write_unaligned(a[2]);
+            p.add(3).write_unaligned(a[3]);
+        }
     } else {
         let p = ptr_at::<u32>(data, end, off)?;
         // SAFETY: bounds checked.

@@ -53,22 +53,22 @@ pub fn egress(ctx: &TcContext) -> i32 {
     let Some(p) = ct::lookup(&ct::key_of(h)) else {
         return TC_ACT_OK;
     };
-    // SAFETY: copied out of a live map value.
-    let v = unsafe { *p };
-    if v.flags & CT_F_REPLY == 0 || v.flags & CT_F_SNAT != 0 {
+    // SAFETY: fields copied out of a live map value.
+    let (flags, nat_addr, nat_port) = unsafe { ((*p).flags, (*p).nat_addr, (*p).nat_port) };
+    if flags & CT_F_REPLY == 0 || flags & CT_F_SNAT != 0 {
         return TC_ACT_OK;
     }
     if let Some(cfg) = config() {
-        ct::touch(p, &v, cfg, h, ct::now());
+        ct::touch(p, cfg, h, ct::now());
     }
-    if rewrite_src(ctx, h, &v.nat_addr, v.nat_port).is_some() {
+    if rewrite_src(ctx, h, &nat_addr, nat_port).is_some() {
         let to = Tuple {
-            src: v.nat_addr,
+            src: nat_addr,
             dst: h.dst,
-            sport: v.nat_port,
+            sport: nat_port,
             dport: h.dport,
         };
-        frag::record(h, &to, v.flags);
+        frag::record(h, &to, flags);
         count(counter::TC_REV_XLATE);
     }
     TC_ACT_OK

@@ -18,7 +18,7 @@ use lb_common::{
     SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_FRONTEND_IP, SVC_F_SRC_RANGES, SvcKey,
     SvcVal, addr,
     ct::{
-        CFG_F_SVC_CIDR, CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal,
+        CFG_F_SVC_CIDR, CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, Config, CtKey, CtVal, NextHop,
         SrcRangeKey,
     },
     hash::flow_hash,
@@ -70,9 +70,9 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let mut v = if select::lookup_into(&key, &mut s.svc) {
         frontend(ctx, s, cfg)
     } else {
-        let v = reply(ctx, h, cfg);
+        let v = reply(ctx, s, cfg);
         if v == NOT_A_REPLY {
-            return other(ctx, h, cfg);
+            return other(ctx, &s.hdr, cfg);
         }
         v
     };
@@ -129,40 +129,61 @@ fn in_net(a: &[u32; 4], net: &[u32; 4], mask: &[u32; 4]) -> bool {
 }
 
 /// A reply of a translated flow addressed to this node (SNAT): back to the client with the
-/// frontend as source.
+/// frontend as source. Only SNAT ports can be such replies, so packets to other ports of the
+/// node (ssh, the kubelet, ...) cost no conntrack lookup.
 const NOT_A_REPLY: u32 = u32::MAX;
 
 #[inline(never)]
-fn reply(ctx: &XdpContext, h: &Hdr, cfg: &Config) -> u32 {
-    reply_inner(ctx, h, cfg).unwrap_or(NOT_A_REPLY)
+fn reply(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
+    reply_inner(ctx, s, cfg).unwrap_or(NOT_A_REPLY)
 }
 
+/// The reply entry is copied into `s.r` (off the stack: forwarding needs it).
 #[inline(always)]
-fn reply_inner(ctx: &XdpContext, h: &Hdr, cfg: &Config) -> Option<u32> {
+fn reply_inner(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> Option<u32> {
+    let h = &s.hdr;
     let node = if h.v6 { &cfg.node_ip6 } else { &cfg.node_ip4 };
-    if h.dst != *node {
+    let port = u16::from_be(h.dport);
+    if h.dst != *node || port < cfg.snat_port_min || port > cfg.snat_port_max {
         return None;
     }
-    let p = ct::lookup(&ct::key_of(h))?;
-    // SAFETY: copied out of a live map value.
-    let v = unsafe { *p };
+    s.rkey = ct::key_of(h);
+    let p = ct::lookup(&s.rkey)?;
+    // SAFETY: copied out of a live map value (one inlined memcpy; an assignment through a
+    // temporary would be an out-of-line memmove, see `mem`).
+    unsafe { core::ptr::copy_nonoverlapping(p, &raw mut s.r, 1) };
+    let (h, v) = (&s.hdr, &s.r);
     if v.flags & CT_F_REPLY == 0 {
         return None;
     }
-    ct::touch(p, &v, cfg, h, ct::now());
+    let now = ct::now();
+    ct::touch(p, cfg, h, now);
     if fwd::ttl_expired(ctx.data(), ctx.data_end(), h) {
         return Some(TTL_EXPIRED);
     }
-    let to = Tuple {
+    s.to = Tuple {
         src: v.nat_addr,
         sport: v.nat_port,
         dst: v.nat2_addr,
         dport: v.nat2_port,
     };
-    nat::rewrite(ctx.data(), ctx.data_end(), h, &to)?;
-    frag::record(h, &to, v.flags);
+    nat::rewrite(ctx.data(), ctx.data_end(), h, &s.to)?;
+    frag::record(h, &s.to, v.flags);
     count(counter::XDP_CT_HIT);
-    Some(fwd::forward(ctx, h, &to))
+    let cached = v.hop.until;
+    let verdict = fwd::forward_via(ctx, &s.hdr, &s.to, &mut s.r.hop, now);
+    keep_hop(p, cached, &s.r.hop);
+    Some(verdict)
+}
+
+/// Stores `hop` in the flow's entry `p` if forwarding looked it up again (its `until` is no
+/// longer `cached`).
+#[inline(always)]
+fn keep_hop(p: *mut CtVal, cached: u64, hop: &NextHop) {
+    if hop.until != cached {
+        // SAFETY: p points into a live map value; racing writers store equally valid hops.
+        unsafe { core::ptr::copy_nonoverlapping(hop, &raw mut (*p).hop, 1) };
+    }
 }
 
 #[inline(always)]
@@ -177,6 +198,7 @@ fn src_allowed(group: u32, src: &[u32; 4]) -> bool {
     SRC_RANGES.get(&key).is_some()
 }
 
+#[allow(clippy::needless_borrows_for_generic_args)] // see new_flow
 #[inline(never)]
 fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
     let svc = s.svc;
@@ -186,15 +208,20 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
         return XDP_DROP;
     }
     let now = ct::now();
+    let generation = ct::backends_gen(cfg);
     s.fkey = ct::key_of(h);
     if let Some(p) = ct::lookup(&s.fkey) {
-        // SAFETY: copied out of a live map value.
-        s.v = unsafe { *p };
-        if s.v.flags & CT_F_REPLY == 0 && s.v.expires > now && ct::backend_exists(s.v.backend_id) {
-            ct::touch(p, &s.v, cfg, &s.hdr, now);
+        // SAFETY: copied out of a live map value (see `reply_inner`).
+        unsafe { core::ptr::copy_nonoverlapping(p, &raw mut s.v, 1) };
+        if s.v.flags & CT_F_REPLY == 0 && s.v.expires > now && ct::backend_live(p, &s.v, generation)
+        {
+            ct::touch(p, cfg, &s.hdr, now);
             count(counter::XDP_CT_HIT);
             account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 0);
-            return translate(ctx, s);
+            let cached = s.v.hop.until;
+            let verdict = translate(ctx, s, now);
+            keep_hop(p, cached, &s.v.hop);
+            return verdict;
         }
     }
     if svc.backend_count == 0 {
@@ -205,23 +232,28 @@ fn frontend(ctx: &XdpContext, s: &mut Scratch, cfg: &Config) -> u32 {
         count(counter::XDP_REJECT);
         return reject(ctx, &s.hdr);
     }
-    match new_flow(s, &svc, cfg, now) {
+    match new_flow(s, &svc, cfg, now, generation) {
         0 => {
             count(counter::XDP_NEW);
             account(svc.group_id, 1, (ctx.data_end() - ctx.data()) as u64, 1);
-            translate(ctx, s)
+            let verdict = translate(ctx, s, now);
+            // Inserted after forwarding, so the entry starts out with the next hop.
+            if CT.insert(&s.fkey, &s.v, 0).is_err() {
+                return XDP_DROP;
+            }
+            verdict
         }
         verdict => verdict,
     }
 }
 
-/// Picks a backend for a new flow and writes both conntrack entries; 0 when the packet is to
-/// be translated with `s.v`, else the verdict.
+/// Picks a backend for a new flow and writes the reply-direction conntrack entry; 0 when the
+/// packet is to be translated with `s.v` (then stored under `s.fkey`), else the verdict.
 // The map helpers get pointers into the scratch map on purpose: a by-value key or value would
 // be copied onto the 512-byte stack first.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
-fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
+fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64, generation: u32) -> u32 {
     let h = &s.hdr;
     let hash = flow_hash(
         &h.src,
@@ -264,11 +296,15 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
         count(counter::XDP_BAD); // family mismatch: never write a mangled address
         return XDP_DROP;
     }
-    s.v = ct::new_val(cfg, h, now, id, 0);
+    ct::init(&mut s.v, cfg, h.proto, h.tcp_flags, now, 0);
+    s.v.backend_id = id;
+    // Picked from the backend set of `generation` (read before the pick).
+    s.v.backends_gen = generation;
     s.v.nat_addr = b.addr;
     s.v.nat_port = b.port;
     // The reply entry: backend -> (node or client), translated back to frontend -> client.
-    s.r = ct::new_val(cfg, h, now, id, CT_F_REPLY);
+    ct::init(&mut s.r, cfg, h.proto, h.tcp_flags, now, CT_F_REPLY);
+    s.r.backend_id = id;
     s.r.nat_addr = h.dst;
     s.r.nat_port = h.dport;
     s.rkey = CtKey {
@@ -277,7 +313,7 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
         sport: b.port,
         dport: h.sport,
         proto: h.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     if b.flags & BACKEND_F_LOCAL != 0 {
         s.v.flags |= CT_F_LOCAL;
@@ -304,15 +340,13 @@ fn new_flow(s: &mut Scratch, svc: &SvcVal, cfg: &Config, now: u64) -> u32 {
         s.v.nat2_addr = node;
         s.v.nat2_port = port;
     }
-    if CT.insert(&s.fkey, &s.v, 0).is_err() {
-        return XDP_DROP;
-    }
     0
 }
 
-/// Applies the original-direction entry `s.v` and sends the packet on.
+/// Applies the original-direction entry `s.v` and sends the packet on (through `s.v.hop`,
+/// refreshed when stale).
 #[inline(always)]
-fn translate(ctx: &XdpContext, s: &mut Scratch) -> u32 {
+fn translate(ctx: &XdpContext, s: &mut Scratch, now: u64) -> u32 {
     let (h, v) = (&s.hdr, &s.v);
     if v.flags & CT_F_DSR != 0 {
         return dsr::ENCAP;
@@ -338,7 +372,7 @@ fn translate(ctx: &XdpContext, s: &mut Scratch) -> u32 {
     if v.flags & CT_F_LOCAL != 0 {
         return XDP_PASS;
     }
-    fwd::forward(ctx, h, &s.to)
+    fwd::forward_via(ctx, &s.hdr, &s.to, &mut s.v.hop, now)
 }
 
 /// Picks the backend: the slot's owner, or its previous owner for mid-flow TCP packets.
@@ -374,18 +408,22 @@ fn snat_port(cfg: &Config, rkey: &mut CtKey, r: &CtVal, hash: u32, now: u64) -> 
             + ((hash.wrapping_add(i.wrapping_mul(0x9e37_79b1))) % range) as u16)
             .to_be();
         rkey.dport = port;
-        let (free, flags) = match ct::lookup(rkey) {
-            None => (true, u64::from(BPF_NOEXIST)),
-            // SAFETY: reads of a live map value. An expired entry, or this client's own
-            // earlier entry, may be replaced.
-            Some(p) => unsafe {
-                let same = (*p).nat2_addr == r.nat2_addr && (*p).nat2_port == r.nat2_port;
-                ((*p).expires <= now || same, 0)
-            },
-        };
-        if free && CT.insert(&*rkey, r, flags).is_ok() {
+        // Most ports are free: claim one first, look at its holder only when that fails.
+        if CT.insert(&*rkey, r, u64::from(BPF_NOEXIST)).is_ok()
+            || (replaceable(rkey, r, now) && CT.insert(&*rkey, r, 0).is_ok())
+        {
             return port;
         }
     }
     0
+}
+
+/// Whether the entry under `rkey` may give way to `r`: it expired, or it is this client's own
+/// earlier entry (a re-created flow).
+#[inline(always)]
+fn replaceable(rkey: &CtKey, r: &CtVal, now: u64) -> bool {
+    // SAFETY: reads of a live map value.
+    ct::lookup(rkey).is_some_and(|p| unsafe {
+        (*p).expires <= now || ((*p).nat2_addr == r.nat2_addr && (*p).nat2_port == r.nat2_port)
+    })
 }

@@ -70,8 +70,19 @@ impl Agent {
     /// Starts the agent on node `node` (1-based) reading `manifests`, with `extra_args`
     /// appended. Output goes to a log file in the lab's scratch dir.
     pub fn start(lab: &Lab, node: usize, manifests: &Path, extra_args: &[&str]) -> Result<Self> {
+        Self::start_bin(lab, node, &Self::bin()?, manifests, extra_args)
+    }
+
+    /// [`Agent::start`] with another agent binary (benchmarks compare builds side by side).
+    pub fn start_bin(
+        lab: &Lab,
+        node: usize,
+        bin: &Path,
+        manifests: &Path,
+        extra_args: &[&str],
+    ) -> Result<Self> {
         let node = lab.node(node)?.clone();
-        let bin = Self::bin()?;
+        let bin = bin.to_path_buf();
         let mut argv = vec![bin.display().to_string()];
         argv.extend(Self::args(&node, manifests));
         argv.extend(extra_args.iter().map(|s| (*s).to_owned()));

@@ -763,14 +763,20 @@ mod report {
              (198.18.0.0/15) on TCP 80 with 10 endpoints from a pool of 200,000 addresses, so the XDP path's lookups \
              run against external frontends: 4 `KPLB_SVC` entries per filler (ClusterIP; the external IP in both \
              scopes; its any-port marker), 400k at 100k services against the map's 524,288; \
-             `--maglev-table-size 251`; the agent's sync is boxed to {} s per size. Rewriting paths see their own output when `repeat` > 1, so each path runs \
-             as {} calls with `repeat=1` (the input copied in afresh each call) on a thread in node1's netns with \
-             an `xdp_md` whose ingress is eth0; the figure is the median kernel `duration` minus the median of a \
-             hand-assembled XDP_PASS program measured the same way in the same run (the harness floor). New flow = a \
+             `--maglev-table-size 251`; the agent's sync is boxed to {} s per size. Rewriting paths see their own \
+             output when `repeat` > 1, so each path runs as {} calls with `repeat=1` (the input copied in afresh \
+             each call) on a thread pinned to one CPU in node1's netns with an `xdp_md` whose ingress is eth0; the \
+             figure is the median kernel `duration` minus the median of a hand-assembled XDP_PASS program measured \
+             the same way in the same rounds (the harness floor; attached in native mode elsewhere, so the kernel \
+             calls it through the XDP dispatcher like the measured program, not through a retpoline). New flow = a \
              TCP SYN from a new source port each call (conntrack miss, Maglev pick, two conntrack inserts, SNAT \
-             port); established = the same ACK again (conntrack hit); not a service = node IP, port 22.\n",
+             port); established = the same ACK again (conntrack hit); not a service = node IP, port 22. Paths run \
+             in rounds of {} calls, conntrack emptied before each round (so new flows find free SNAT ports, as on \
+             a quiet node) and the hot flow opened again; other agent builds, when given (`--xdp-variants`), run \
+             on their own nodes with the same services and alternate with kplb round by round.\n",
             num(&x["sync_limit_s"]).unwrap_or(0.0),
-            x["calls"].as_u64().unwrap_or(0)
+            x["calls"].as_u64().unwrap_or(0),
+            x["round"].as_u64().unwrap_or(0)
         );
         if let Some(e) = x["error"].as_str() {
             let _ = writeln!(o, "**Not measured**: {e}\n");
@@ -779,8 +785,8 @@ mod report {
         let fl = &x["floor"];
         let _ = writeln!(
             o,
-            "Harness floor (XDP_PASS, no ingress context): repeat=1 median {} ns (p10 {} – p90 {}); repeat=1000 {} ns \
-             per iteration. Reference for this kind of VM (shared/README §4): 60–80 ns and 14–16 ns.\n",
+            "Harness floor (XDP_PASS, first size): repeat=1 median {} ns (p10 {} – p90 {}); repeat=1000 {} ns per \
+             iteration. Reference for this kind of VM (shared/README §4): 60–80 ns and 14–16 ns.\n",
             fl["repeat1"]["median_ns"],
             fl["repeat1"]["p10_ns"],
             fl["repeat1"]["p90_ns"],
@@ -793,51 +799,69 @@ mod report {
         if !rows.is_empty() {
             let _ = writeln!(
                 o,
-                "| services | path | verdicts | median ns | floor ns | **minus floor** | Katran (1 VIP, 100 reals) |\n|---:|---|---|---:|---:|---:|---:|"
+                "| services | build | path | verdicts | median ns | floor ns | **minus floor** | Katran (1 VIP, 100 reals) |\n|---:|---|---|---|---:|---:|---:|---:|"
             );
         }
         for r in &rows {
             let n = r["services"].as_u64().unwrap_or(0);
             if let Some(e) = r["error"].as_str() {
-                let _ = writeln!(o, "| {n} | – | error: {} | | | | |", e.replace('|', "/"));
-                continue;
-            }
-            let floor = &r["paths"]["floor"]["repeat1"]["median_ns"];
-            for (key, name, katran) in [
-                ("new_flow", "new flow", "611"),
-                ("established", "established (1 hot flow)", "161"),
-                ("not_a_service", "not a service", "50"),
-            ] {
-                let p = &r["paths"]["paths"][key];
-                let verdicts = p["verdicts"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k} {v}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    })
-                    .unwrap_or_default();
                 let _ = writeln!(
                     o,
-                    "| {n} | {name} | {verdicts} | {} | {floor} | **{}** | {katran} |",
-                    p["dist"]["median_ns"],
-                    num(&p["minus_floor_ns"]).map_or("–".into(), |v| format!("{v:.0}"))
+                    "| {n} | – | – | error: {} | | | | |",
+                    e.replace('|', "/")
                 );
+                continue;
             }
-            if let Some(w) = r["paths"]["warning"].as_str() {
-                let _ = writeln!(o, "| {n} | warning | {w} | | | | |");
+            let builds = std::iter::once(("kplb", &r["paths"])).chain(
+                r["variants"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str(), v)),
+            );
+            for (build, m) in builds {
+                xdp_rows(o, n, build, m);
             }
             let synced = &r["synced"];
             if num(&synced["errors"]).is_some_and(|e| e > 0.0) {
                 let _ = writeln!(
                     o,
-                    "| {n} | warning | the agent's sync reported {} map errors ({} frontends written) | | | | |",
+                    "| {n} | – | warning | the agent's sync reported {} map errors ({} frontends written) | | | | |",
                     synced["errors"], synced["frontends"]
                 );
             }
         }
         let _ = writeln!(o);
+    }
+
+    /// One build's rows of the XDP table at `n` services.
+    fn xdp_rows(o: &mut String, n: u64, build: &str, m: &Value) {
+        let floor = &m["floor"]["repeat1"]["median_ns"];
+        for (key, name, katran) in [
+            ("new_flow", "new flow", "611"),
+            ("established", "established (1 hot flow)", "161"),
+            ("not_a_service", "not a service", "50"),
+        ] {
+            let p = &m["paths"][key];
+            let verdicts = p["verdicts"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "| {n} | {build} | {name} | {verdicts} | {} | {floor} | **{}** | {katran} |",
+                p["dist"]["median_ns"],
+                num(&p["minus_floor_ns"]).map_or("–".into(), |v| format!("{v:.0}"))
+            );
+        }
+        if let Some(w) = m["warning"].as_str() {
+            let _ = writeln!(o, "| {n} | {build} | warning | {w} | | | | |");
+        }
     }
 
     fn conn(o: &mut String, c: &Value) {

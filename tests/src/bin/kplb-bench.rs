@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! kplb-bench [--quick] --out FILE [--sections xdp,conn,nodeport,control] [--sizes 100,1000]
-//!            [--load-limit SECONDS] [--client PATH]
+//!            [--load-limit SECONDS] [--client PATH] [--xdp-variants name=PATH,...]
 //! ```
 //! Sections (see each module): `xdp` = per-packet cost of the XDP paths (BPF_PROG_TEST_RUN,
 //! minus an XDP_PASS floor); `conn` = connection rate/latency through a ClusterIP for no load
@@ -11,7 +11,8 @@
 //! = NodePort packets per second on a veth; `control` = the agent's full sync, change latency
 //! and memory at 10k services. `--sizes` sets the service counts of `xdp` and `conn`;
 //! `--load-limit` the time box of one dataplane's load in `conn`. Each section's wall time is
-//! printed and recorded (`wall_s`). Everything runs in a lab (network namespaces, cgroups, bpffs
+//! printed and recorded (`wall_s`). `--xdp-variants` measures other lb-agent builds side by side
+//! in the `xdp` section. Everything runs in a lab (network namespaces, cgroups, bpffs
 //! dirs under the `kplab-<pid>-` prefix) that is removed at the end, also on failure.
 //! Needs `$KPLB_AGENT_BIN` (a release lb-agent) and `kplb-connclient`/`netexec` next to itself.
 
@@ -50,6 +51,7 @@ struct Args {
     sizes: Option<Vec<usize>>,
     load_limit: Option<Duration>,
     client: Option<PathBuf>,
+    xdp_variants: Vec<(String, PathBuf)>,
 }
 
 fn parse() -> Result<Args> {
@@ -62,6 +64,7 @@ fn parse() -> Result<Args> {
         sizes: None,
         load_limit: None,
         client: None,
+        xdp_variants: Vec::new(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -85,6 +88,17 @@ fn parse() -> Result<Args> {
                 a.load_limit = Some(Duration::from_secs_f64(secs));
             }
             "--client" => a.client = Some(PathBuf::from(value()?)),
+            "--xdp-variants" => {
+                a.xdp_variants = value()?
+                    .split(',')
+                    .map(|v| {
+                        let (name, path) = v
+                            .split_once('=')
+                            .with_context(|| format!("--xdp-variants: {v:?} is not name=PATH"))?;
+                        Ok((name.to_owned(), PathBuf::from(path)))
+                    })
+                    .collect::<Result<_>>()?;
+            }
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -128,6 +142,7 @@ fn xdp_config(a: &Args) -> xdp::Config {
             }
         }),
         sync_limit: Duration::from_secs(if a.quick { 60 } else { 90 }),
+        variants: a.xdp_variants.clone(),
     }
 }
 

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 
 const BPF_MAP_CREATE: i64 = 0;
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
+const BPF_MAP_DELETE_ELEM: i64 = 3;
 const BPF_MAP_GET_NEXT_KEY: i64 = 4;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_OBJ_GET: i64 = 7;
@@ -88,6 +89,22 @@ pub fn lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> Result<bool> {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e).context("map lookup"),
+    }
+}
+
+/// `BPF_MAP_DELETE_ELEM`; an absent key is not an error.
+pub fn delete(map: &OwnedFd, key: &[u8]) -> Result<()> {
+    let mut a = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: 0,
+        flags: 0,
+    };
+    match sys(BPF_MAP_DELETE_ELEM, &mut a) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e).context("map delete"),
     }
 }
 

@@ -194,8 +194,19 @@ pub struct RunningAgent {
 
 impl RunningAgent {
     pub fn start(lab: &Lab, node: usize, manifests: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_bin(lab, node, &Agent::bin()?, manifests, extra)
+    }
+
+    /// [`RunningAgent::start`] with another agent binary (builds compared side by side).
+    pub fn start_bin(
+        lab: &Lab,
+        node: usize,
+        bin: &Path,
+        manifests: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let started = Instant::now();
-        let agent = Agent::start(lab, node, manifests, extra)?;
+        let agent = Agent::start_bin(lab, node, bin, manifests, extra)?;
         Ok(Self { agent, started })
     }
 
@@ -243,6 +254,16 @@ impl RunningAgent {
 
     pub fn maps_dir(&self) -> PathBuf {
         self.agent.node().bpffs.join("maps")
+    }
+}
+
+/// Keeps the calling thread on `cpu`.
+pub fn pin_thread(cpu: usize) {
+    // SAFETY: as in kplb-connclient: an initialised set for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

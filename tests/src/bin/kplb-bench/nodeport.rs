@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 
 use crate::{
     bpf,
-    lab::{BenchLab, CLIENT_CPU, NODE, RunningAgent},
+    lab::{BenchLab, CLIENT_CPU, NODE, RunningAgent, pin_thread},
     services,
     stats::Rng,
 };
@@ -175,15 +175,6 @@ fn blast(frames: &[Vec<u8>], dur: Duration) -> Result<u64> {
         }
     }
     Ok(sent)
-}
-
-fn pin_thread(cpu: usize) {
-    // SAFETY: as in kplb-connclient: an initialised set for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 /// A counting program attached to eth0 of `ns` (detached when the returned fds drop).

@@ -9,6 +9,16 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1]
 }
 
+/// Mean of an ascending slice without its lowest and highest `cut` percent; 0 for an empty one.
+pub fn trimmed_mean(sorted: &[f64], cut: f64) -> f64 {
+    let k = (sorted.len() as f64 * cut / 100.0) as usize;
+    let mid = &sorted[k..sorted.len() - k];
+    if mid.is_empty() {
+        return 0.0;
+    }
+    mid.iter().sum::<f64>() / mid.len() as f64
+}
+
 pub fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
@@ -52,5 +62,12 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), 99.0);
         assert_eq!(percentile(&v, 100.0), 100.0);
         assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn trimmed() {
+        let v = sorted((1..=10).map(f64::from).chain([1000.0]).collect());
+        assert_eq!(trimmed_mean(&v, 10.0), 6.0);
+        assert_eq!(trimmed_mean(&[], 10.0), 0.0);
     }
 }

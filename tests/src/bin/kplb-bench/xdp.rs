@@ -1,54 +1,61 @@
 //! Section 1: per-packet cost of kplb's XDP paths with `BPF_PROG_TEST_RUN`.
 //!
 //! Method:
-//! - The harness floor is a hand-assembled XDP program that only returns XDP_PASS, loaded and
-//!   run in this same process: `repeat = 1` calls (the kernel's per-call `duration`) and one
-//!   `repeat = 1000` call (the per-iteration cost without the per-call overhead), measured
-//!   again before every kplb size so floor and program share the same conditions.
-//! - kplb's program is the one the real agent attached to node1's eth0 (found through the
-//!   interface's XDP program id), so its maps and runtime configuration are exactly what the
-//!   agent wrote. Services: one NodePort service (TCP 80 -> 8080, nodePort 30080) whose 10
-//!   endpoints are remote (on node2's pod CIDR, so the path includes the FIB lookup and
-//!   SNAT), plus `n - 1` filler services for n = 1, 1k, 10k and 100k: each a ClusterIP
-//!   (172.30.0.0/15) and an external IP (198.18.0.0/15) on TCP 80, so the XDP path's lookups
-//!   run against external frontends too, with 10 endpoints from a pool of 200,000 addresses.
-//!   A filler makes 4 `KPLB_SVC` entries (ClusterIP; external IP in both scopes; the external
-//!   IP's any-port marker): 400k at 100k services, within the map's 524,288. Backends stay
-//!   under 200,000; `--maglev-table-size 251` keeps 100k tables small.
+//! - kplb's program is the one the real agent attached to node1's eth0 in native mode (found
+//!   through the interface's XDP program id), so its maps and runtime configuration are
+//!   exactly what the agent wrote. Services: one NodePort service (TCP 80 -> 8080, nodePort
+//!   30080) whose 10 endpoints are remote (on node2's pod CIDR, so the path includes the FIB
+//!   lookup and SNAT), plus `n - 1` filler services for n = 1, 1k, 10k and 100k: each a
+//!   ClusterIP (172.30.0.0/15) and an external IP (198.18.0.0/15) on TCP 80, so the XDP path's
+//!   lookups run against external frontends too, with 10 endpoints from a pool of 200,000
+//!   addresses. A filler makes 4 `KPLB_SVC` entries (ClusterIP; external IP in both scopes;
+//!   the external IP's any-port marker): 400k at 100k services, within the map's 524,288.
+//!   Backends stay under 200,000; `--maglev-table-size 251` keeps 100k tables small.
 //! - Translating paths rewrite the packet, and the kernel reuses the buffer across `repeat`
 //!   iterations, so every path is timed with `repeat = 1` (the input is copied in afresh on
 //!   every call) and reported as median(kernel duration) - median(floor duration):
 //!   `new flow` (a TCP SYN from a new source port each call: conntrack miss, Maglev pick,
 //!   two conntrack inserts, NAT, FIB), `established` (the same ACK again and again: conntrack
 //!   hit), `not a service` (node IP, port 22: lookups miss, XDP_PASS).
-//! - The calls run on a thread inside node1's netns, with an `xdp_md` context whose ingress
-//!   interface is node1's eth0, so FIB lookups see the node's routes.
+//! - The harness floor is a hand-assembled XDP program that only returns XDP_PASS, timed the
+//!   same way with the same context and, like the measured program, attached in native mode
+//!   (so the kernel calls both through its XDP dispatcher); plus `repeat = 1000` calls (the
+//!   per-iteration cost without the per-call overhead) as a sanity check.
+//! - The calls run on a thread pinned to one CPU inside the node's netns, with an `xdp_md`
+//!   context whose ingress interface is the node's eth0, so FIB lookups see its routes.
+//! - Other agent builds (`--xdp-variants name=PATH,...`) run on node3, node4, ... with the
+//!   same services and are measured side by side: every path of every build in rounds of
+//!   [`ROUND`] calls, alternating, so they share the machine's noise.
 //! - When the agent attaches no XDP program the kplb part is skipped with a note.
 
-use std::{net::Ipv4Addr, os::fd::OwnedFd, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::OwnedFd, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
+use lb_common::ct::CtKey;
 use lb_tests::{
-    Lab,
+    Agent, Lab,
     manifests::{Endpoint, EndpointSlice, Port, Protocol, Service, ServiceType},
 };
 use serde_json::{Value, json};
 
 use crate::{
     bpf,
-    lab::{NODE, RunningAgent},
+    lab::{CLIENT_CPU, RunningAgent, pin_thread},
     services::{self, ENDPOINTS},
-    stats::{percentile, sorted},
+    stats::{percentile, sorted, trimmed_mean},
 };
 
 pub struct Config {
     pub calls: usize,
     pub sizes: Vec<usize>,
-    /// Longest the agent may take to sync one size (recorded as an error beyond).
+    /// Longest an agent may take to sync one size (recorded as an error beyond).
     pub sync_limit: Duration,
+    /// Other agent builds measured side by side with `$KPLB_AGENT_BIN`: (name, binary).
+    pub variants: Vec<(String, PathBuf)>,
 }
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const NODE_PORT: u16 = 30080;
 /// Outside the fillers' ClusterIPs (172.30.0.0/15).
 const NP_CLUSTER_IP: &str = "172.29.0.1";
@@ -98,72 +105,6 @@ fn tcp_packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -
     let c = checksum(&p[34..60], pseudo);
     p[50..52].copy_from_slice(&c.to_be_bytes());
     p
-}
-
-/// `struct xdp_md` for a packet of `len` bytes arriving on `ifindex`.
-fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
-    let mut c = [0u8; 24];
-    c[4..8].copy_from_slice(&(len as u32).to_ne_bytes()); // data_end
-    c[12..16].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
-    c
-}
-
-/// Kernel durations (ns) of `calls` repeat=1 runs of `packet(k)`, plus verdict counts.
-/// `ifindex`: the ingress interface in the `xdp_md` context (it must have XDP attached in
-/// native mode); `None` runs without a context (the loopback device).
-fn timed(
-    prog: &OwnedFd,
-    ifindex: Option<u32>,
-    calls: usize,
-    mut packet: impl FnMut(usize) -> Vec<u8>,
-) -> Result<(Vec<f64>, Value)> {
-    let mut out = vec![0u8; 256];
-    let mut durations = Vec::with_capacity(calls);
-    let mut verdicts = std::collections::BTreeMap::<String, usize>::new();
-    for k in 0..calls {
-        let p = packet(k);
-        let ctx = ifindex.map(|i| xdp_md(p.len(), i));
-        let (verdict, ns, _) = bpf::test_run(prog, &p, 1, ctx.as_ref().map(|c| &c[..]), &mut out)?;
-        durations.push(f64::from(ns));
-        *verdicts.entry(verdict_name(verdict)).or_default() += 1;
-    }
-    Ok((sorted(durations), json!(verdicts)))
-}
-
-fn verdict_name(v: u32) -> String {
-    match v {
-        0 => "XDP_ABORTED".into(),
-        1 => "XDP_DROP".into(),
-        2 => "XDP_PASS".into(),
-        3 => "XDP_TX".into(),
-        4 => "XDP_REDIRECT".into(),
-        other => format!("verdict {other}"),
-    }
-}
-
-fn dist(d: &[f64]) -> Value {
-    json!({
-        "calls": d.len(),
-        "p10_ns": percentile(d, 10.0),
-        "median_ns": percentile(d, 50.0),
-        "p90_ns": percentile(d, 90.0),
-    })
-}
-
-/// The XDP_PASS floor: repeat=1 calls and one repeat=1000 call.
-fn floor(pass: &OwnedFd, ifindex: Option<u32>, calls: usize) -> Result<Value> {
-    let p = tcp_packet(Ipv4Addr::new(203, 0, 113, 10), 40000, NODE_IP, 80, TCP_ACK);
-    let (d, _) = timed(pass, ifindex, calls, |_| p.clone())?;
-    let ctx = ifindex.map(|i| xdp_md(p.len(), i));
-    let mut out = vec![0u8; 256];
-    let mut per_iter = Vec::new();
-    for _ in 0..5 {
-        per_iter.push(f64::from(
-            bpf::test_run(pass, &p, 1000, ctx.as_ref().map(|c| &c[..]), &mut out)?.1,
-        ));
-    }
-    let per_iter = sorted(per_iter);
-    Ok(json!({"repeat1": dist(&d), "repeat1000_ns": percentile(&per_iter, 50.0)}))
 }
 
 fn manifests(dir: &std::path::Path, n: usize) -> Result<()> {
@@ -226,35 +167,44 @@ fn attached_xdp(lab: &Lab, ns: &str) -> Result<Option<u32>> {
     Ok(Some(id as u32))
 }
 
+fn eth0_index(lab: &Lab, ns: &str) -> Result<u32> {
+    lab.in_netns(ns, || {
+        // SAFETY: a NUL-terminated interface name.
+        Ok(unsafe { libc::if_nametoindex(c"eth0".as_ptr()) })
+    })
+}
+
+/// The lab node of the `i`-th agent build: node1, then node3, node4, ... (node2 is the
+/// remote endpoints' node and every measured node's next hop).
+fn node_of(i: usize) -> usize {
+    if i == 0 { 1 } else { i + 2 }
+}
+
 pub fn run(cfg: &Config) -> Result<Value> {
-    let lab = Lab::new(2)?;
+    let builds: Vec<(String, PathBuf)> = std::iter::once(("kplb".to_owned(), Agent::bin()?))
+        .chain(cfg.variants.iter().cloned())
+        .collect();
+    let lab = Lab::new(node_of(builds.len() - 1).max(2))?;
     // node2 is only the next hop of the remote endpoints: a permanent neighbour entry on
-    // node1, so the FIB lookup always resolves.
+    // every measured node, so the FIB lookup always resolves.
     let out = lab.run_ok("node2", &["ip", "-j", "link", "show", "eth0"])?;
     let v: Value = serde_json::from_str(&out)?;
     let node2_mac = v[0]["address"].as_str().context("node2 eth0 MAC")?;
-    lab.run_ok(
-        NODE,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            "192.168.0.3",
-            "lladdr",
-            node2_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    )?;
-    let ifindex = lab.in_netns(NODE, || {
-        // SAFETY: a NUL-terminated interface name.
-        Ok(unsafe { libc::if_nametoindex(c"eth0".as_ptr()) })
-    })?;
+    for i in 0..builds.len() {
+        let ns = format!("node{}", node_of(i));
+        let argv = ["ip", "neigh", "replace", "192.168.0.3", "lladdr", node2_mac];
+        lab.run_ok(
+            &ns,
+            &[&argv[..], &["dev", "eth0", "nud", "permanent"]].concat(),
+        )?;
+    }
     let pass = bpf::load_xdp_pass()?;
-    // No XDP on eth0 yet, so no ingress context (the kernel wants a registered XDP rxq).
-    let first_floor = lab.in_netns(NODE, || floor(&pass, None, cfg.calls))?;
+    // Attached in native mode (to node2, where it changes nothing), the floor program sits in
+    // the kernel's XDP dispatcher like the agents' programs: BPF_PROG_TEST_RUN then calls
+    // both directly. Unattached, it would be called through a retpoline, which makes the floor
+    // higher than the measured program's share of the harness.
+    let _pass_link = bpf::attach_xdp(&pass, eth0_index(&lab, "node2")?)
+        .context("attaching the XDP_PASS floor program to node2's eth0")?;
     let mut sizes = Vec::new();
     let mut skipped = Value::Null;
     for &n in &cfg.sizes {
@@ -262,25 +212,47 @@ pub fn run(cfg: &Config) -> Result<Value> {
         let t = std::time::Instant::now();
         let dir = lab.tmp_dir().join(format!("xdp-{n}"));
         manifests(&dir, n)?;
-        let mut agent = RunningAgent::start(
-            &lab,
-            1,
-            &dir,
-            &["--maglev-table-size", "251", "--xdp-mode", "native"],
-        )?;
-        let synced = agent.wait_synced(cfg.sync_limit);
+        let mut agents = Vec::new();
+        for (i, (_, bin)) in builds.iter().enumerate() {
+            let args = ["--maglev-table-size", "251", "--xdp-mode", "native"];
+            agents.push(RunningAgent::start_bin(&lab, node_of(i), bin, &dir, &args)?);
+        }
         let result = (|| -> Result<Option<Value>> {
-            let (wall, line) = synced?;
-            let Some(id) = attached_xdp(&lab, NODE)? else {
-                return Ok(None);
-            };
-            let prog = bpf::prog_by_id(id)?;
-            let r = lab.in_netns(NODE, || measure(&prog, &pass, ifindex, cfg.calls))?;
-            Ok(Some(
-                json!({"services": n, "synced": line, "start_to_synced_s": wall, "paths": r}),
-            ))
+            let mut synced = Vec::new();
+            for a in &mut agents {
+                synced.push(a.wait_synced(cfg.sync_limit)?);
+            }
+            let mut targets = Vec::new();
+            for (i, (name, _)) in builds.iter().enumerate() {
+                let ns = format!("node{}", node_of(i));
+                let Some(id) = attached_xdp(&lab, &ns)? else {
+                    return Ok(None);
+                };
+                targets.push(Target {
+                    name: name.clone(),
+                    ns: ns.clone(),
+                    ip: lab.node(node_of(i))?.ipv4,
+                    prog: bpf::prog_by_id(id)?,
+                    ct: bpf::obj_get(&agents[i].maps_dir().join("KPLB_CT"))?,
+                    ifindex: eth0_index(&lab, &ns)?,
+                });
+            }
+            let mut measured = measure(&lab, &targets, &pass, cfg.calls)?.into_iter();
+            let (wall, line) = synced.swap_remove(0);
+            let mut row = json!({
+                "services": n,
+                "synced": line,
+                "start_to_synced_s": wall,
+                "paths": measured.next(),
+            });
+            for (t, m) in targets.iter().skip(1).zip(measured) {
+                row["variants"][&t.name] = m;
+            }
+            Ok(Some(row))
         })();
-        agent.stop_and_clean()?;
+        for a in agents {
+            a.stop_and_clean()?;
+        }
         let wall_s = t.elapsed().as_secs_f64();
         match result {
             Ok(Some(mut v)) => {
@@ -301,56 +273,179 @@ pub fn run(cfg: &Config) -> Result<Value> {
     Ok(json!({
         "calls": cfg.calls,
         "sync_limit_s": cfg.sync_limit.as_secs_f64(),
-        "floor": first_floor,
+        "round": ROUND,
+        "variants": builds.iter().skip(1).map(|(n, b)| json!({"name": n, "agent": b})).collect::<Vec<_>>(),
+        "floor": sizes.first().map_or(Value::Null, |s| s["paths"]["floor"].clone()),
         "kplb": sizes,
         "skipped": skipped,
     }))
 }
 
-fn measure(prog: &OwnedFd, pass: &OwnedFd, ifindex: u32, calls: usize) -> Result<Value> {
-    let ifindex = Some(ifindex);
-    let fl = floor(pass, ifindex, calls).context("XDP_PASS floor with an eth0 context")?;
-    let floor_median = fl["repeat1"]["median_ns"].as_f64().unwrap_or(0.0);
-    let client = |k: usize| Ipv4Addr::new(203, 0, 113, 10 + (k / 50_000) as u8);
-    let mut paths = serde_json::Map::new();
-    let new_flow = timed(prog, ifindex, calls, |k| {
+/// An agent's XDP program and what measuring it needs.
+struct Target {
+    name: String,
+    /// The node's netns (as the lab names it), where its eth0 ifindex is valid.
+    ns: String,
+    ip: Ipv4Addr,
+    prog: OwnedFd,
+    /// The agent's pinned conntrack map.
+    ct: OwnedFd,
+    ifindex: u32,
+}
+
+/// Calls per path and agent in one round. Rounds alternate between the agents, so builds
+/// compared side by side share whatever else the machine does meanwhile.
+const ROUND: usize = 500;
+
+/// The measured paths, in the order of [`Samples`] in [`measure`].
+const PATHS: [&str; 4] = ["floor", "new_flow", "established", "not_a_service"];
+
+#[derive(Default)]
+struct Samples {
+    ns: Vec<f64>,
+    verdicts: BTreeMap<String, usize>,
+}
+
+/// Every path of every target, `calls` times each, in alternating rounds.
+fn measure(lab: &Lab, targets: &[Target], pass: &OwnedFd, calls: usize) -> Result<Vec<Value>> {
+    let mut acc: Vec<[Samples; 4]> = targets.iter().map(|_| Default::default()).collect();
+    let mut per_iter = Vec::new();
+    for t in targets {
+        per_iter.push(lab.in_netns(&t.ns, || floor_per_iteration(pass, t.ifindex))?);
+    }
+    for r in 0..calls.div_ceil(ROUND) {
+        for (t, a) in targets.iter().zip(acc.iter_mut()) {
+            lab.in_netns(&t.ns, || round(t, pass, r, a))?;
+        }
+    }
+    Ok(acc
+        .into_iter()
+        .zip(per_iter)
+        .map(|(samples, per_iter)| summary(samples, per_iter))
+        .collect())
+}
+
+/// The floor program's cost per iteration with `repeat = 1000` (no per-call overhead).
+fn floor_per_iteration(pass: &OwnedFd, ifindex: u32) -> Result<f64> {
+    let p = tcp_packet(CLIENT, 40000, NODE_IP, 80, TCP_ACK);
+    let ctx = xdp_md(p.len(), ifindex);
+    let mut out = vec![0u8; 256];
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        runs.push(f64::from(
+            bpf::test_run(pass, &p, 1000, Some(&ctx), &mut out)?.1,
+        ));
+    }
+    Ok(percentile(&sorted(runs), 50.0))
+}
+
+/// One round on one target: `ROUND` calls of every path. Conntrack is emptied first, so new
+/// flows find the table as a quiet node would (20k flows to 10 backends would otherwise fill
+/// the SNAT port range and time failed port searches); the hot flow is then opened again.
+fn round(t: &Target, pass: &OwnedFd, r: usize, acc: &mut [Samples; 4]) -> Result<()> {
+    pin_thread(CLIENT_CPU);
+    for key in bpf::keys(&t.ct, size_of::<CtKey>())? {
+        bpf::delete(&t.ct, &key)?;
+    }
+    let hot = Ipv4Addr::new(203, 0, 113, 200);
+    let mut out = vec![0u8; 256];
+    let syn = tcp_packet(hot, 40_000, t.ip, NODE_PORT, TCP_SYN);
+    bpf::test_run(
+        &t.prog,
+        &syn,
+        1,
+        Some(&xdp_md(syn.len(), t.ifindex)),
+        &mut out,
+    )?;
+    let floor = tcp_packet(CLIENT, 40000, t.ip, 80, TCP_ACK);
+    let ack = tcp_packet(hot, 40_000, t.ip, NODE_PORT, TCP_ACK);
+    let other = tcp_packet(Ipv4Addr::new(203, 0, 113, 201), 40_001, t.ip, 22, TCP_ACK);
+    let [fl, new, est, not] = acc;
+    timed(pass, t.ifindex, fl, |_| floor.clone())?;
+    timed(&t.prog, t.ifindex, new, |i| {
+        let k = r * ROUND + i;
+        let client = Ipv4Addr::new(203, 0, 113, 10 + (k / 50_000) as u8);
         tcp_packet(
-            client(k),
+            client,
             10_000 + (k % 50_000) as u16,
-            NODE_IP,
+            t.ip,
             NODE_PORT,
             TCP_SYN,
         )
     })?;
-    let hot = Ipv4Addr::new(203, 0, 113, 200);
+    timed(&t.prog, t.ifindex, est, |_| ack.clone())?;
+    timed(&t.prog, t.ifindex, not, |_| other.clone())
+}
+
+/// `struct xdp_md` for a packet of `len` bytes arriving on `ifindex`.
+fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
+    let mut c = [0u8; 24];
+    c[4..8].copy_from_slice(&(len as u32).to_ne_bytes()); // data_end
+    c[12..16].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
+    c
+}
+
+/// `ROUND` repeat=1 runs of `packet(i)` arriving on `ifindex` (which must have XDP attached in
+/// native mode), added to `acc`.
+fn timed(
+    prog: &OwnedFd,
+    ifindex: u32,
+    acc: &mut Samples,
+    mut packet: impl FnMut(usize) -> Vec<u8>,
+) -> Result<()> {
     let mut out = vec![0u8; 256];
-    let syn = tcp_packet(hot, 40_000, NODE_IP, NODE_PORT, TCP_SYN);
-    let ctx = ifindex.map(|i| xdp_md(syn.len(), i));
-    bpf::test_run(prog, &syn, 1, ctx.as_ref().map(|c| &c[..]), &mut out)?;
-    let ack = tcp_packet(hot, 40_000, NODE_IP, NODE_PORT, TCP_ACK);
-    let established = timed(prog, ifindex, calls, |_| ack.clone())?;
-    let other = tcp_packet(
-        Ipv4Addr::new(203, 0, 113, 201),
-        40_001,
-        NODE_IP,
-        22,
-        TCP_ACK,
-    );
-    let not_service = timed(prog, ifindex, calls, |_| other.clone())?;
-    for (name, (d, verdicts)) in [
-        ("new_flow", new_flow),
-        ("established", established),
-        ("not_a_service", not_service),
-    ] {
+    for i in 0..ROUND {
+        let p = packet(i);
+        let ctx = xdp_md(p.len(), ifindex);
+        let (verdict, ns, _) = bpf::test_run(prog, &p, 1, Some(&ctx), &mut out)?;
+        acc.ns.push(f64::from(ns));
+        *acc.verdicts.entry(verdict_name(verdict)).or_default() += 1;
+    }
+    Ok(())
+}
+
+fn verdict_name(v: u32) -> String {
+    match v {
+        0 => "XDP_ABORTED".into(),
+        1 => "XDP_DROP".into(),
+        2 => "XDP_PASS".into(),
+        3 => "XDP_TX".into(),
+        4 => "XDP_REDIRECT".into(),
+        other => format!("verdict {other}"),
+    }
+}
+
+fn dist(d: &[f64]) -> Value {
+    json!({
+        "calls": d.len(),
+        "p10_ns": percentile(d, 10.0),
+        "median_ns": percentile(d, 50.0),
+        "p90_ns": percentile(d, 90.0),
+        // Finer than the median where durations come in the clock's 10 ns steps.
+        "trimmed_mean_ns": trimmed_mean(d, 10.0),
+    })
+}
+
+/// One target's results in the report's layout: the floor and every path minus it.
+fn summary(samples: [Samples; 4], floor_per_iter: f64) -> Value {
+    let [floor, rest @ ..] = samples;
+    let floor = sorted(floor.ns);
+    let floor_median = percentile(&floor, 50.0);
+    let mut paths = serde_json::Map::new();
+    for (name, s) in PATHS[1..].iter().zip(rest) {
+        let d = sorted(s.ns);
         let median = percentile(&d, 50.0);
         paths.insert(
-            name.into(),
-            json!({"dist": dist(&d), "verdicts": verdicts, "minus_floor_ns": median - floor_median}),
+            (*name).into(),
+            json!({"dist": dist(&d), "verdicts": s.verdicts, "minus_floor_ns": median - floor_median}),
         );
     }
-    let mut r = json!({"floor": fl, "paths": paths});
+    let mut r = json!({
+        "floor": {"repeat1": dist(&floor), "repeat1000_ns": floor_per_iter},
+        "paths": paths,
+    });
     if r["paths"]["new_flow"]["verdicts"].get("XDP_PASS").is_some() {
         r["warning"] = json!("new flows got XDP_PASS: the NodePort frontend was not translated");
     }
-    Ok(r)
+    r
 }
