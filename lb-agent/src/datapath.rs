@@ -492,7 +492,32 @@ impl BpfDatapath {
     /// Returns table space retired a while ago to the free lists (after an RCU grace period).
     /// For idle moments: it blocks for the grace period.
     pub fn reclaim_idle(&mut self, now: Instant) -> Result<(), DatapathError> {
-        self.tables.reclaim_idle(now)
+        let r = self.tables.reclaim_idle(now);
+        self.delete_released_backends()?;
+        r
+    }
+
+    /// Waits for a grace period now and finishes everything retired: table space freed,
+    /// backends deleted (tests that remove a backend and look at the next packet).
+    pub fn settle(&mut self) -> Result<(), DatapathError> {
+        let r = self.tables.settle();
+        self.delete_released_backends()?;
+        r
+    }
+
+    /// Deletes the backends whose grace period has passed, then moves `backends_gen` on so
+    /// established flows check that theirs still exists.
+    fn delete_released_backends(&mut self) -> Result<(), DatapathError> {
+        let ids = self.tables.take_released_backends();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for id in &ids {
+            ignore_missing(self.backends.remove(id), maps::BACKENDS)?;
+        }
+        debug!(backends = ids.len(), "retired backends deleted");
+        self.config_val.backends_gen = self.config_val.backends_gen.wrapping_add(1);
+        self.write_config()
     }
 
     /// Maglev storage: (slabs, slots in them, slots in use or waiting for reuse).
@@ -605,11 +630,11 @@ impl sync::Datapath for BpfDatapath {
             .collect()
     }
 
+    /// Deleted after an RCU grace period (a program that read a table naming it just before
+    /// its frontend was repointed may still look it up), with the retired table space.
     fn del_backend(&mut self, id: u32) -> Result<(), DatapathError> {
-        ignore_missing(self.backends.remove(&id), maps::BACKENDS)?;
-        // Established flows look their backend up again (see `Config::backends_gen`).
-        self.config_val.backends_gen = self.config_val.backends_gen.wrapping_add(1);
-        self.write_config()
+        self.tables.retire_backend(id);
+        Ok(())
     }
 
     fn write_table(&mut self, table: &[MaglevSlot]) -> Result<TableLoc, DatapathError> {

@@ -259,3 +259,27 @@ fn a_batch_of_tables_is_written_at_once() {
     let results = dp.write_tables(&[&tables[0], &too_big, &tables[1]]);
     assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
 }
+
+#[test]
+fn a_removed_backend_goes_only_after_a_grace_period() {
+    let Some(mut dp) = load() else { return };
+    let b = lb_common::Backend {
+        addr: [
+            0,
+            0,
+            0xffff_u32.to_be(),
+            u32::from_be_bytes([10, 0, 1, 5]).to_be(),
+        ],
+        port: 8080u16.to_be(),
+        proto: 6,
+        flags: 0,
+        node: [0; 4],
+    };
+    dp.set_backend(7, &b).unwrap();
+    dp.del_backend(7).unwrap();
+    // A program that read a table naming it just before its frontend moved on may still look
+    // it up: it stays until a grace period has passed.
+    assert_eq!(dp.existing().backends, vec![(7, b)]);
+    dp.settle().unwrap();
+    assert!(dp.existing().backends.is_empty());
+}

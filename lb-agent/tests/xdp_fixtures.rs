@@ -782,6 +782,7 @@ fn conntrack_keeps_flows_and_prev_owner() {
     );
     // prev gone from the backends map: current owner.
     fx.dp.del_backend(b1).unwrap();
+    fx.dp.settle().unwrap(); // deleted after a grace period
     let stray2 = Pkt::tcp(CLIENT, 40003, NODE, 30080, ACK);
     table(
         &mut fx,
@@ -897,6 +898,7 @@ fn client_ip_affinity_pins_and_expires() {
     // The pinned backend is deleted: a fresh pick at once.
     svc(&mut fx, b1);
     fx.dp.del_backend(b2).unwrap();
+    fx.dp.settle().unwrap(); // deleted after a grace period
     table(
         &mut fx,
         vec![case("pinned backend gone -> b1", syn(41004), "10.0.1.5")],

@@ -61,16 +61,24 @@ fn tables_converge(agents: &[&Agent], want_backends: usize) -> Vec<Vec<(IpAddr, 
         Duration::from_millis(100),
         "tables on both nodes",
         || {
-            let tables: Vec<_> = agents
-                .iter()
-                .map(|a| bpfmaps::resolved_table(&a.node().bpffs, &key()))
-                .collect::<anyhow::Result<_>>()?;
+            // The maps are read one after another while an agent may still be writing them:
+            // a read that does not hold together (a slot naming a backend just removed) or
+            // that a second read does not repeat is "not yet", not a failure.
+            let read = || -> Option<Vec<_>> {
+                agents
+                    .iter()
+                    .map(|a| bpfmaps::resolved_table(&a.node().bpffs, &key()).ok())
+                    .collect()
+            };
+            let (Some(tables), Some(again)) = (read(), read()) else {
+                return Ok(None);
+            };
             let distinct =
                 |t: &Vec<(IpAddr, u16)>| t.iter().collect::<std::collections::BTreeSet<_>>().len();
-            Ok(tables
-                .iter()
-                .all(|t| distinct(t) == want_backends)
-                .then_some(tables))
+            Ok(
+                (tables == again && tables.iter().all(|t| distinct(t) == want_backends))
+                    .then_some(tables),
+            )
         },
     )
     .unwrap()

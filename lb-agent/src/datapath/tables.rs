@@ -8,7 +8,8 @@
 //!
 //! Space of a retired table is reused only after an RCU grace period has passed since it was
 //! retired: a program that read the frontend just before it was repointed may still be reading
-//! the old slots. The wait is one outer-map write (the kernel waits for a grace period on every
+//! the old slots (and looking up the backends they name, so backends that left every table are
+//! deleted only then too). The wait is one outer-map write (the kernel waits for a grace period on every
 //! map-in-map update), done for all pending space at once: on a helper thread once it has
 //! waited a second, or in place when space runs out.
 
@@ -118,9 +119,20 @@ impl FreeSpace {
     }
 }
 
-/// Retired space whose grace period a helper thread is waiting for.
+/// Something no frontend can reach any more, but a program that started before may still be
+/// using: released only after an RCU grace period.
+#[derive(Clone, Copy, Debug)]
+enum Retired {
+    /// Table space: back to the free lists.
+    Table(TableLoc),
+    /// A backend id no table in the maps names: deleted from `KPLB_BACKENDS` then (a program
+    /// that read the old table may still look it up).
+    Backend(u32),
+}
+
+/// Retired items whose grace period a helper thread is waiting for.
 struct Waiting {
-    tables: Vec<TableLoc>,
+    items: Vec<Retired>,
     done: std::thread::JoinHandle<std::io::Result<()>>,
 }
 
@@ -131,11 +143,13 @@ pub struct Slabs {
     outer_fd: std::os::fd::OwnedFd,
     slabs: Vec<Option<Slab>>,
     free: FreeSpace,
-    /// Retired tables waiting for a grace period, and when the oldest was retired.
-    pending: Vec<TableLoc>,
+    /// Retired items waiting for a grace period, and when the oldest was retired.
+    pending: Vec<Retired>,
     pending_since: Option<Instant>,
     /// A grace period being waited for on a helper thread.
     waiting: Option<Waiting>,
+    /// Backends whose grace period is over, for the datapath to delete.
+    released_backends: Vec<u32>,
 }
 
 fn map_err(source: MapError) -> DatapathError {
@@ -173,6 +187,7 @@ impl Slabs {
             pending: Vec::new(),
             pending_since: None,
             waiting: None,
+            released_backends: Vec::new(),
         })
     }
 
@@ -215,7 +230,14 @@ impl Slabs {
     /// so that a busy agent (changes back to back, never idle) does not run out and have to
     /// wait for a grace period in the middle of a change.
     fn reclaim_when_low(&mut self) -> Result<(), DatapathError> {
-        let pending: u64 = self.pending.iter().map(|t| u64::from(t.size)).sum();
+        let pending: u64 = self
+            .pending
+            .iter()
+            .map(|r| match r {
+                Retired::Table(t) => u64::from(t.size),
+                Retired::Backend(_) => 0,
+            })
+            .sum();
         if pending > 0 && pending >= self.free.total() {
             self.reclaim_in_background()?;
         }
@@ -462,8 +484,25 @@ impl Slabs {
 
     /// `t` is no longer referenced by any frontend; its space is reused after a grace period.
     pub fn retire(&mut self, t: TableLoc) {
-        self.pending.push(t);
+        self.pending.push(Retired::Table(t));
         self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// No table in the maps names backend `id` any more; it is handed back by
+    /// [`Slabs::take_released_backends`] for deletion after a grace period.
+    pub fn retire_backend(&mut self, id: u32) {
+        self.pending.push(Retired::Backend(id));
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Backends whose grace period has passed since they were retired.
+    pub fn take_released_backends(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.released_backends)
+    }
+
+    /// Waits for a grace period now and releases everything retired (tests, shutdown).
+    pub fn settle(&mut self) -> Result<(), DatapathError> {
+        self.reclaim()
     }
 
     /// Reclaims retired space that has waited long enough, waiting for the grace period on a
@@ -490,13 +529,13 @@ impl Slabs {
             (Ok(o), Some(Ok(s))) => (o, s),
             _ => return self.reclaim(), // no fds to hand over: wait here
         };
-        let tables = std::mem::take(&mut self.pending);
+        let items = std::mem::take(&mut self.pending);
         self.pending_since = None;
         let done = std::thread::Builder::new()
             .name("grace-period".into())
             .spawn(move || grace_period(outer.as_fd(), index, slab.as_fd()))
             .map_err(io("starting the grace-period thread"))?;
-        self.waiting = Some(Waiting { tables, done });
+        self.waiting = Some(Waiting { items, done });
         Ok(())
     }
 
@@ -512,14 +551,9 @@ impl Slabs {
         }
         let Some(w) = self.waiting.take() else { return };
         match w.done.join() {
-            Ok(Ok(())) => {
-                debug!(tables = w.tables.len(), "retired Maglev space reclaimed");
-                for t in w.tables {
-                    self.release(t);
-                }
-            }
+            Ok(Ok(())) => self.release_all(w.items),
             _ => {
-                self.pending.extend(w.tables);
+                self.pending.extend(w.items);
                 self.pending_since.get_or_insert_with(Instant::now);
             }
         }
@@ -543,11 +577,7 @@ impl Slabs {
             self.pending_since = Some(Instant::now());
             return Err(io("waiting for an RCU grace period")(e));
         }
-        let n = pending.len();
-        for t in pending {
-            self.release(t);
-        }
-        debug!(tables = n, "retired Maglev space reclaimed");
+        self.release_all(pending);
         Ok(())
     }
 
@@ -566,6 +596,17 @@ impl Slabs {
                 .try_clone_to_owned()
                 .map(|fd| (i as u32, fd)),
         )
+    }
+
+    /// After a grace period: table space back to the free lists, backends out for deletion.
+    fn release_all(&mut self, items: Vec<Retired>) {
+        debug!(items = items.len(), "retired tables and backends released");
+        for r in items {
+            match r {
+                Retired::Table(t) => self.release(t),
+                Retired::Backend(id) => self.released_backends.push(id),
+            }
+        }
     }
 
     fn release(&mut self, t: TableLoc) {
