@@ -125,7 +125,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
 fn control_config(quick: bool) -> control::Config {
     control::Config {
         services: if quick { 1000 } else { 10_000 },
-        cold_starts: 1,
+        cold_starts: if quick { 2 } else { 3 },
         changes: 1000,
         change_budget: Duration::from_secs(if quick { 15 } else { 45 }),
     }
@@ -204,7 +204,7 @@ fn run(a: &Args) -> Result<Value> {
                 }
                 Ok(conn)
             }),
-            "xdp" => xdp::run(&xdp_config(a)),
+            "xdp" => xdp::run(&xdp_config(a), &mut rng),
             "nodeport" => nodeport::run(&nodeport_config(a.quick), &mut rng),
             "control" if out.contains_key("control") => continue,
             "control" => control::run(&control_config(a.quick), &mut rng),

@@ -412,25 +412,43 @@ impl<'a> Size<'a> {
         orders
     }
 
-    /// Section 4 on kplb's running agent (whose cold start was this size's load).
-    fn control(&self, cfg: &control::Config, rng: &mut Rng) -> Value {
-        let kplb = self.entries.iter().find(|e| e.dp == Dataplane::Kplb);
-        let Some((entry, Some(l))) = kplb.map(|e| (e, &e.loaded)) else {
+    /// Section 4 on kplb's running agent (whose cold start was this size's load). Further cold
+    /// starts (`cfg.cold_starts` in all) replace it with a fresh agent on the same node first.
+    fn control(&mut self, cfg: &control::Config, rng: &mut Rng) -> Value {
+        let kplb = self.entries.iter_mut().find(|e| e.dp == Dataplane::Kplb);
+        let Some(entry) = kplb else {
             return json!({"error": "kplb is not running at this size (see section 2)"});
         };
-        let Some(agent) = &l.agent else {
-            return json!({"error": "no agent"});
-        };
-        eprintln!(
-            "kplb-bench: control: changes at {} services",
-            entry.services
-        );
-        let cold = vec![json!({
+        let services = entry.services;
+        let mut cold = vec![json!({
             "start_to_synced_s": entry.detail["start_to_synced_s"],
             "synced": entry.detail["synced"],
         })];
-        control::measure_running(agent, &l.manifests(), &l.cluster, cfg, rng, cold)
-            .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+        let Some(l) = entry.loaded.as_mut().filter(|l| l.agent.is_some()) else {
+            return json!({"error": "kplb is not running at this size (see section 2)"});
+        };
+        eprintln!("kplb-bench: control: changes at {services} services");
+        let result = (|| -> Result<Value> {
+            for k in 1..cfg.cold_starts {
+                if let Some(old) = l.agent.take() {
+                    old.stop_and_clean()?;
+                }
+                let args = ["--poll-interval-ms", control::POLL_MS];
+                let agent = RunningAgent::start(&l.bl.lab, l.cluster.node, &l.manifests(), &args)?;
+                let (wall, line) = l
+                    .agent
+                    .insert(agent)
+                    .wait_synced(control::COLD_START_LIMIT)?;
+                eprintln!(
+                    "kplb-bench: control: cold start {}: {wall:.3} s to synced",
+                    k + 1
+                );
+                cold.push(json!({"start_to_synced_s": wall, "synced": line}));
+            }
+            let agent = l.agent.as_ref().context("no agent")?;
+            control::measure_running(agent, &l.manifests(), &l.cluster, cfg, rng, cold)
+        })();
+        result.unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
     }
 
     /// Removes every dataplane; returns the entries' results.

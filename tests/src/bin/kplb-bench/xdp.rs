@@ -23,9 +23,11 @@
 //!   per-iteration cost without the per-call overhead) as a sanity check.
 //! - The calls run on a thread pinned to one CPU inside the node's netns, with an `xdp_md`
 //!   context whose ingress interface is the node's eth0, so FIB lookups see its routes.
-//! - Other agent builds (`--xdp-variants name=PATH,...`) run on node3, node4, ... with the
-//!   same services and are measured side by side: every path of every build in rounds of
-//!   [`ROUND`] calls, alternating, so they share the machine's noise.
+//! - Every size (and every other agent build, `--xdp-variants name=PATH,...`) runs its own
+//!   agent on its own node, all loaded at once, and they are measured side by side: every path
+//!   of every size and build in rounds of [`ROUND`] calls, in a freshly shuffled order each
+//!   round, so that growth with the number of services and differences between builds are
+//!   not drifts of the shared machine between one measurement and the next.
 //! - When the agent attaches no XDP program the kplb part is skipped with a note.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::OwnedFd, path::PathBuf, time::Duration};
@@ -42,7 +44,7 @@ use crate::{
     bpf,
     lab::{CLIENT_CPU, RunningAgent, pin_thread},
     services::{self, ENDPOINTS},
-    stats::{percentile, sorted, trimmed_mean},
+    stats::{Rng, percentile, sorted, trimmed_mean},
 };
 
 pub struct Config {
@@ -174,24 +176,43 @@ fn eth0_index(lab: &Lab, ns: &str) -> Result<u32> {
     })
 }
 
-/// The lab node of the `i`-th agent build: node1, then node3, node4, ... (node2 is the
+/// The lab node of the `i`-th measured agent (sizes × builds): node1, then node3, node4, ... (node2 is the
 /// remote endpoints' node and every measured node's next hop).
 fn node_of(i: usize) -> usize {
     if i == 0 { 1 } else { i + 2 }
 }
 
-pub fn run(cfg: &Config) -> Result<Value> {
+/// One agent to start: which size's services, which build.
+struct Slot {
+    size: usize,
+    build: usize,
+    node: usize,
+}
+
+pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
     let builds: Vec<(String, PathBuf)> = std::iter::once(("kplb".to_owned(), Agent::bin()?))
         .chain(cfg.variants.iter().cloned())
         .collect();
-    let lab = Lab::new(node_of(builds.len() - 1).max(2))?;
+    // Every size and build on its own node, all loaded at once, so their rounds can alternate:
+    // growth from 1 to 100k services is then measured under the same machine noise, not in
+    // minutes far apart.
+    let slots: Vec<Slot> = (0..cfg.sizes.len())
+        .flat_map(|s| (0..builds.len()).map(move |b| (s, b)))
+        .enumerate()
+        .map(|(i, (size, build))| Slot {
+            size,
+            build,
+            node: node_of(i),
+        })
+        .collect();
+    let lab = Lab::new(slots.last().map_or(2, |s| s.node).max(2))?;
     // node2 is only the next hop of the remote endpoints: a permanent neighbour entry on
     // every measured node, so the FIB lookup always resolves.
     let out = lab.run_ok("node2", &["ip", "-j", "link", "show", "eth0"])?;
     let v: Value = serde_json::from_str(&out)?;
     let node2_mac = v[0]["address"].as_str().context("node2 eth0 MAC")?;
-    for i in 0..builds.len() {
-        let ns = format!("node{}", node_of(i));
+    for s in &slots {
+        let ns = format!("node{}", s.node);
         let argv = ["ip", "neigh", "replace", "192.168.0.3", "lladdr", node2_mac];
         lab.run_ok(
             &ns,
@@ -205,85 +226,101 @@ pub fn run(cfg: &Config) -> Result<Value> {
     // higher than the measured program's share of the harness.
     let _pass_link = bpf::attach_xdp(&pass, eth0_index(&lab, "node2")?)
         .context("attaching the XDP_PASS floor program to node2's eth0")?;
-    let mut sizes = Vec::new();
-    let mut skipped = Value::Null;
-    for &n in &cfg.sizes {
-        eprintln!("kplb-bench: xdp: {n} services");
-        let t = std::time::Instant::now();
+    let mut agents = Vec::new();
+    for (si, &n) in cfg.sizes.iter().enumerate() {
         let dir = lab.tmp_dir().join(format!("xdp-{n}"));
         manifests(&dir, n)?;
-        let mut agents = Vec::new();
-        for (i, (_, bin)) in builds.iter().enumerate() {
+        for s in slots.iter().filter(|s| s.size == si) {
+            eprintln!("kplb-bench: xdp: {n} services on node{}", s.node);
             let args = ["--maglev-table-size", "251", "--xdp-mode", "native"];
-            agents.push(RunningAgent::start_bin(&lab, node_of(i), bin, &dir, &args)?);
+            let bin = &builds[s.build].1;
+            agents.push(RunningAgent::start_bin(&lab, s.node, bin, &dir, &args)?);
         }
-        let result = (|| -> Result<Option<Value>> {
-            let mut synced = Vec::new();
-            for a in &mut agents {
-                synced.push(a.wait_synced(cfg.sync_limit)?);
-            }
-            let mut targets = Vec::new();
-            for (i, (name, _)) in builds.iter().enumerate() {
-                let ns = format!("node{}", node_of(i));
-                let Some(id) = attached_xdp(&lab, &ns)? else {
-                    return Ok(None);
-                };
-                targets.push(Target {
-                    name: name.clone(),
-                    ns: ns.clone(),
-                    ip: lab.node(node_of(i))?.ipv4,
-                    prog: bpf::prog_by_id(id)?,
-                    ct: bpf::obj_get(&agents[i].maps_dir().join("KPLB_CT"))?,
-                    ifindex: eth0_index(&lab, &ns)?,
-                });
-            }
-            let mut measured = measure(&lab, &targets, &pass, cfg.calls)?.into_iter();
-            let (wall, line) = synced.swap_remove(0);
-            let mut row = json!({
-                "services": n,
-                "synced": line,
-                "start_to_synced_s": wall,
-                "paths": measured.next(),
-            });
-            for (t, m) in targets.iter().skip(1).zip(measured) {
-                row["variants"][&t.name] = m;
-            }
-            Ok(Some(row))
-        })();
-        for a in agents {
-            a.stop_and_clean()?;
+    }
+    let result = (|| -> Result<Value> {
+        // A size whose agent does not sync in time (or attaches nothing) is reported as such;
+        // the others are still measured.
+        let mut synced: Vec<Result<(f64, Value)>> = Vec::new();
+        let deadline = std::time::Instant::now() + cfg.sync_limit;
+        for a in &mut agents {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            synced.push(a.wait_synced(left.max(Duration::from_secs(1))));
         }
-        let wall_s = t.elapsed().as_secs_f64();
-        match result {
-            Ok(Some(mut v)) => {
-                v["wall_s"] = json!(wall_s);
-                sizes.push(v);
+        let mut targets = Vec::new();
+        let mut size_error: BTreeMap<usize, String> = BTreeMap::new();
+        let mut skipped = Value::Null;
+        for (i, s) in slots.iter().enumerate() {
+            let ns = format!("node{}", s.node);
+            if let Err(e) = &synced[i] {
+                size_error.entry(s.size).or_insert(format!("{e:#}"));
+                continue;
             }
-            Ok(None) => {
+            let Some(id) = attached_xdp(&lab, &ns)? else {
                 skipped = json!(
                     "XDP datapath not present in this build: lb-agent attached no XDP program to --interfaces eth0"
                 );
-                break;
-            }
-            Err(e) => {
-                sizes.push(json!({"services": n, "error": format!("{e:#}"), "wall_s": wall_s}));
-            }
+                continue;
+            };
+            targets.push((
+                i,
+                Target {
+                    ns: ns.clone(),
+                    ip: lab.node(s.node)?.ipv4,
+                    prog: bpf::prog_by_id(id)?,
+                    ct: bpf::obj_get(&agents[i].maps_dir().join("KPLB_CT"))?,
+                    ifindex: eth0_index(&lab, &ns)?,
+                },
+            ));
         }
+        if !skipped.is_null() {
+            return Ok(json!({"rows": [], "skipped": skipped}));
+        }
+        let (idx, only): (Vec<usize>, Vec<Target>) = targets.into_iter().unzip();
+        let measured = measure(&lab, &only, &pass, cfg.calls, rng)?;
+        let mut by_slot: BTreeMap<usize, Value> = idx.into_iter().zip(measured).collect();
+        let mut rows = Vec::new();
+        for (si, &n) in cfg.sizes.iter().enumerate() {
+            if let Some(e) = size_error.get(&si) {
+                rows.push(json!({"services": n, "error": e}));
+                continue;
+            }
+            let mut row = json!({"services": n});
+            for (i, s) in slots.iter().enumerate().filter(|(_, s)| s.size == si) {
+                let m = by_slot.remove(&i).unwrap_or(Value::Null);
+                if s.build == 0 {
+                    let (wall, line) = synced[i].as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                    row["synced"] = line.clone();
+                    row["start_to_synced_s"] = json!(wall);
+                    row["paths"] = m;
+                } else {
+                    row["variants"][&builds[s.build].0] = m;
+                }
+            }
+            rows.push(row);
+        }
+        Ok(json!({"rows": rows, "skipped": Value::Null}))
+    })();
+    for a in agents {
+        a.stop_and_clean()?;
     }
+    let mut out = result?;
+    let sizes = out["rows"].take();
     Ok(json!({
         "calls": cfg.calls,
         "sync_limit_s": cfg.sync_limit.as_secs_f64(),
         "round": ROUND,
         "variants": builds.iter().skip(1).map(|(n, b)| json!({"name": n, "agent": b})).collect::<Vec<_>>(),
-        "floor": sizes.first().map_or(Value::Null, |s| s["paths"]["floor"].clone()),
+        "floor": sizes
+            .as_array()
+            .and_then(|s| s.iter().find(|r| !r["paths"].is_null()))
+            .map_or(Value::Null, |s| s["paths"]["floor"].clone()),
         "kplb": sizes,
-        "skipped": skipped,
+        "skipped": out["skipped"].take(),
     }))
 }
 
 /// An agent's XDP program and what measuring it needs.
 struct Target {
-    name: String,
     /// The node's netns (as the lab names it), where its eth0 ifindex is valid.
     ns: String,
     ip: Ipv4Addr,
@@ -307,15 +344,24 @@ struct Samples {
 }
 
 /// Every path of every target, `calls` times each, in alternating rounds.
-fn measure(lab: &Lab, targets: &[Target], pass: &OwnedFd, calls: usize) -> Result<Vec<Value>> {
+fn measure(
+    lab: &Lab,
+    targets: &[Target],
+    pass: &OwnedFd,
+    calls: usize,
+    rng: &mut Rng,
+) -> Result<Vec<Value>> {
     let mut acc: Vec<[Samples; 4]> = targets.iter().map(|_| Default::default()).collect();
     let mut per_iter = Vec::new();
     for t in targets {
         per_iter.push(lab.in_netns(&t.ns, || floor_per_iteration(pass, t.ifindex))?);
     }
+    let mut order: Vec<usize> = (0..targets.len()).collect();
     for r in 0..calls.div_ceil(ROUND) {
-        for (t, a) in targets.iter().zip(acc.iter_mut()) {
-            lab.in_netns(&t.ns, || round(t, pass, r, a))?;
+        rng.shuffle(&mut order);
+        for &i in &order {
+            let t = &targets[i];
+            lab.in_netns(&t.ns, || round(t, pass, r, &mut acc[i]))?;
         }
     }
     Ok(acc
