@@ -32,9 +32,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
-    /// Directory on a bpf filesystem holding the agent's pins.
-    #[arg(long, default_value = "/sys/fs/bpf/kplb")]
-    pub bpffs_dir: PathBuf,
+    /// Directory on a bpf filesystem holding the agent's pins [default: the run flag's value,
+    /// also when given before `cleanup`, else /sys/fs/bpf/kplb].
+    #[arg(long)]
+    pub bpffs_dir: Option<PathBuf>,
     /// External interfaces the agent attached to (accepted for symmetry with the run flags).
     #[arg(long, value_delimiter = ',')]
     pub interfaces: Vec<String>,
@@ -174,6 +175,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+impl Cli {
+    /// The pins directory `cleanup` removes: its own flag, else the one given before the
+    /// subcommand (`lb-agent --bpffs-dir X cleanup` must not clean the default directory,
+    /// which may be another agent's).
+    pub fn cleanup_dir(&self) -> Option<&std::path::Path> {
+        match &self.command {
+            Some(Command::Cleanup(a)) => {
+                Some(a.bpffs_dir.as_deref().unwrap_or(&self.run.bpffs_dir))
+            }
+            None => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +211,23 @@ mod tests {
         assert_eq!(cli.run.healthz_timeout, Duration::from_secs(60));
         let cli = Cli::try_parse_from(["lb-agent", "--healthz-timeout", "5s"]).unwrap();
         assert_eq!(cli.run.healthz_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn cleanup_cleans_the_directory_given_before_or_after_it() {
+        use clap::Parser as _;
+        let dir = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            cli.cleanup_dir().map(|d| d.display().to_string())
+        };
+        assert_eq!(
+            dir(&["lb-agent", "cleanup"]).as_deref(),
+            Some("/sys/fs/bpf/kplb")
+        );
+        let after = ["lb-agent", "cleanup", "--bpffs-dir", "/sys/fs/bpf/x"];
+        assert_eq!(dir(&after).as_deref(), Some("/sys/fs/bpf/x"));
+        let before = ["lb-agent", "--bpffs-dir", "/sys/fs/bpf/y", "cleanup"];
+        assert_eq!(dir(&before).as_deref(), Some("/sys/fs/bpf/y"));
+        assert_eq!(dir(&["lb-agent"]), None);
     }
 }

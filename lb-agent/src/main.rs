@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use lb_agent::{
     changes::{Batch, ChangeQueue, Changed},
-    cli::{Cli, Command, LbMode, RunArgs},
+    cli::{Cli, LbMode, RunArgs},
     datapath::{self, BpfDatapath},
     health::{self, Health},
     healthcheck::HealthChecks,
@@ -45,8 +45,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Cleanup(a)) => datapath::cleanup(&a.bpffs_dir).map_err(anyhow::Error::from),
+    let result = match cli.cleanup_dir() {
+        Some(dir) => datapath::cleanup(dir).map_err(anyhow::Error::from),
         None => run(cli.run),
     };
     match result {

@@ -18,6 +18,8 @@
 
 #[path = "kplb-bench/bpf.rs"]
 mod bpf;
+#[path = "kplb-bench/bpf_stats.rs"]
+mod bpf_stats;
 #[path = "kplb-bench/conn.rs"]
 mod conn;
 #[path = "kplb-bench/control.rs"]
@@ -155,7 +157,7 @@ fn conn_config(a: &Args) -> Result<conn::Config> {
                 vec![100, 1000, 10_000, 30_000]
             }
         }),
-        runs: if a.quick { 3 } else { 5 },
+        runs: if a.quick { 3 } else { 9 },
         count: if a.quick { 1000 } else { 3000 },
         warmup: if a.quick { 100 } else { 200 },
         client: match &a.client {

@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    control,
+    bpf_stats, control,
     lab::{BenchLab, NODE, Requests, RunningAgent, node_name},
     rules,
     services::{self, Cluster, ENDPOINTS, PORT, TARGET_PORT},
@@ -82,6 +82,7 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<(Value, Option<Value>)> {
         let mut size = Size::load(&bl, cfg, &dataplanes, n);
         save_partial(cfg, &results, &size.entries);
         rounds.insert(n.to_string(), json!(size.measure(cfg, rng)));
+        size.hook_cost(cfg);
         if let Some(c) = cfg.control.as_ref().filter(|c| c.services == n) {
             control = Some(size.control(c, rng));
         }
@@ -203,6 +204,8 @@ struct Entry<'a> {
     detail: Value,
     sanity: Value,
     runs: Vec<Value>,
+    /// kplb only: its socket programs' kernel run time over one extra run (see [`hook_cost`]).
+    hooks: Value,
     error: Option<String>,
     phases: Phases,
 }
@@ -217,6 +220,7 @@ impl Entry<'_> {
             "detail": self.detail,
             "sanity": self.sanity,
             "runs": self.runs,
+            "hooks": self.hooks,
             "phases": {
                 "load_s": p.load_s,
                 "check_s": p.check_s,
@@ -302,6 +306,7 @@ impl<'a> Size<'a> {
             detail: json!({}),
             sanity: Value::Null,
             runs: Vec::new(),
+            hooks: Value::Null,
             error: None,
             phases: Phases::default(),
         };
@@ -410,6 +415,52 @@ impl<'a> Size<'a> {
             );
         }
         orders
+    }
+
+    /// kplb's socket programs' own cost per connection: one more client run, outside the timed
+    /// rounds, with the kernel's BPF run-time statistics on (they cost every program on the
+    /// machine a little while on). End-to-end ratios on a shared 2-vCPU VM move by ±10% from
+    /// round to round; this says how much of a connection's time kplb itself takes.
+    fn hook_cost(&mut self, cfg: &Config) {
+        let Some(entry) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.dp == Dataplane::Kplb && e.error.is_none())
+        else {
+            return;
+        };
+        let Some(l) = &entry.loaded else { return };
+        let req = Requests {
+            count: cfg.count,
+            warmup: cfg.warmup,
+            fail_fast: false,
+        };
+        let bl = self.bl;
+        let res = bpf_stats::measure(|| bl.client(l.cluster.node, &cfg.client, &l.targets(), &req));
+        entry.hooks = match res {
+            Ok((client, progs)) => {
+                let conns = (cfg.count + cfg.warmup) as f64;
+                let total: u64 = progs.values().map(|p| p.run_time_ns).sum();
+                let per_prog: serde_json::Map<String, Value> = progs
+                    .iter()
+                    .map(|(name, p)| {
+                        let per_call = p.run_time_ns as f64 / p.run_cnt.max(1) as f64;
+                        let calls = p.run_cnt as f64 / conns;
+                        (
+                            name.clone(),
+                            json!({"ns_per_call": per_call, "calls_per_connection": calls}),
+                        )
+                    })
+                    .collect();
+                json!({
+                    "connections": conns,
+                    "ns_per_connection": total as f64 / conns,
+                    "programs": per_prog,
+                    "client": client,
+                })
+            }
+            Err(e) => json!({"error": format!("{e:#}")}),
+        };
     }
 
     /// Section 4 on kplb's running agent (whose cold start was this size's load). Further cold
