@@ -200,6 +200,12 @@ impl Fx {
     }
 
     /// Frontend `ip:port/proto` (external scope) over a table where every slot is `(cur, prev)`.
+    /// An external frontend whose whole table names one backend.
+    fn frontend_to(&mut self, key: (&str, u16, u8), group: u32, backend: u32) {
+        let slot = MaglevSlot { backend, prev: 0 };
+        self.frontend(key, group, slot, 1, 0);
+    }
+
     fn frontend(
         &mut self,
         (ip, port, proto): (&str, u16, u8),
@@ -346,6 +352,18 @@ fn with_dst(p: &Pkt, dst: &str, dport: u16) -> Pkt {
     q
 }
 
+/// `p` as it leaves for a remote backend: source NATed to `src:sport`, destination the
+/// backend, routed on (MACs of the next hop, one hop less).
+fn routed_snat(p: &Pkt, src: &str, sport: u16, dst: &str, dport: u16, mac: [u8; 6]) -> Pkt {
+    let mut q = with_dst(p, dst, dport);
+    q.src = src.parse().unwrap();
+    set_ports(&mut q, Some(sport), None);
+    q.src_mac = NODE_MAC;
+    q.dst_mac = mac;
+    q.ttl = 63;
+    q
+}
+
 fn set_ports(p: &mut Pkt, sp: Option<u16>, dp: Option<u16>) {
     match &mut p.l4 {
         L4::Tcp { sport, dport, .. }
@@ -367,46 +385,14 @@ fn nodeport_local_remote_and_reply() {
     let Some(mut fx) = Fx::new() else { return };
     let local = fx.backend("10.0.1.5", 8080, true);
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend(
-        (NODE, 30080, 6),
-        1,
-        MaglevSlot {
-            backend: local,
-            prev: 0,
-        },
-        1,
-        0,
-    );
-    fx.frontend(
-        (NODE, 30081, 6),
-        2,
-        MaglevSlot {
-            backend: remote,
-            prev: 0,
-        },
-        1,
-        0,
-    );
-    fx.frontend(
-        (NODE, 30082, 17),
-        3,
-        MaglevSlot {
-            backend: remote,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30080, 6), 1, local);
+    fx.frontend_to((NODE, 30081, 6), 2, remote);
+    fx.frontend_to((NODE, 30082, 17), 3, remote);
 
     let syn_local = Pkt::tcp(CLIENT, 40000, NODE, 30080, SYN);
     let syn_remote = Pkt::tcp(CLIENT, 40001, NODE, 30081, SYN);
     let port = snat_port(&syn_remote);
-    let mut snat = with_dst(&syn_remote, "10.0.2.5", 8080);
-    snat.src = NODE.parse().unwrap();
-    set_ports(&mut snat, Some(port), None);
-    snat.src_mac = NODE_MAC;
-    snat.dst_mac = NODE2_MAC;
-    snat.ttl = 63; // routed on: one hop less
+    let snat = routed_snat(&syn_remote, NODE, port, "10.0.2.5", 8080, NODE2_MAC);
     // The backend's SYN-ACK to node:port goes back to the client from the frontend.
     let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, port, SYN | ACK);
     reply.src_mac = NODE2_MAC;
@@ -417,12 +403,7 @@ fn nodeport_local_remote_and_reply() {
 
     let udp = Pkt::udp(CLIENT, 5353, NODE, 30082);
     let uport = snat_port(&udp);
-    let mut udp_out = with_dst(&udp, "10.0.2.5", 8080);
-    udp_out.src = NODE.parse().unwrap();
-    set_ports(&mut udp_out, Some(uport), None);
-    udp_out.src_mac = NODE_MAC;
-    udp_out.dst_mac = NODE2_MAC;
-    udp_out.ttl = 63;
+    let udp_out = routed_snat(&udp, NODE, uport, "10.0.2.5", 8080, NODE2_MAC);
     let mut udp_nocsum = Pkt::new(
         CLIENT,
         NODE,
@@ -507,26 +488,12 @@ fn nodeport_local_remote_and_reply() {
 fn next_hop_cached_in_conntrack_and_refreshed() {
     let Some(mut fx) = Fx::new() else { return };
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend(
-        (NODE, 30081, 6),
-        2,
-        MaglevSlot {
-            backend: remote,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30081, 6), 2, remote);
     let syn = Pkt::tcp(CLIENT, 40001, NODE, 30081, SYN);
     let ack = Pkt::tcp(CLIENT, 40001, NODE, 30081, ACK);
     let port = snat_port(&syn);
     let to_node2 = |p: &Pkt, mac: [u8; 6]| {
-        let mut out = with_dst(p, "10.0.2.5", 8080);
-        out.src = NODE.parse().unwrap();
-        set_ports(&mut out, Some(port), None);
-        out.src_mac = NODE_MAC;
-        out.dst_mac = mac;
-        out.ttl = 63;
+        let out = routed_snat(p, NODE, port, "10.0.2.5", 8080, mac);
         out.build()
     };
     let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, port, SYN | ACK);
@@ -616,28 +583,14 @@ fn next_hop_cached_in_conntrack_and_refreshed() {
 fn snat_port_held_by_another_flow_is_skipped() {
     let Some(mut fx) = Fx::new() else { return };
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend(
-        (NODE, 30081, 6),
-        2,
-        MaglevSlot {
-            backend: remote,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30081, 6), 2, remote);
     let syn = |sport| Pkt::tcp(CLIENT, sport, NODE, 30081, SYN);
     let first = snat_port(&syn(30000));
     let other = (30001..40000)
         .find(|&p| snat_port(&syn(p)) == first && snat_candidate(&syn(p), 1) != first)
         .expect("two flows with the same first SNAT port");
     let out = |p: &Pkt, port| {
-        let mut out = with_dst(p, "10.0.2.5", 8080);
-        out.src = NODE.parse().unwrap();
-        set_ports(&mut out, Some(port), None);
-        out.src_mac = NODE_MAC;
-        out.dst_mac = NODE2_MAC;
-        out.ttl = 63;
+        let out = routed_snat(p, NODE, port, "10.0.2.5", 8080, NODE2_MAC);
         out.build()
     };
     let (a, b) = (syn(30000), syn(other));
@@ -723,16 +676,7 @@ fn conntrack_keeps_flows_and_prev_owner() {
     let Some(mut fx) = Fx::new() else { return };
     let b1 = fx.backend("10.0.1.5", 8080, true);
     let b2 = fx.backend("10.0.1.6", 8080, true);
-    fx.frontend(
-        (NODE, 30080, 6),
-        1,
-        MaglevSlot {
-            backend: b1,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30080, 6), 1, b1);
     let syn = Pkt::tcp(CLIENT, 40000, NODE, 30080, SYN);
     let ack = Pkt::tcp(CLIENT, 40000, NODE, 30080, ACK);
     table(
@@ -1062,26 +1006,8 @@ fn reject_drop_and_source_ranges() {
 fn malformed_and_unusual_input() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        (NODE, 30080, 6),
-        1,
-        MaglevSlot {
-            backend: b,
-            prev: 0,
-        },
-        1,
-        0,
-    );
-    fx.frontend(
-        (NODE, 30083, 17),
-        2,
-        MaglevSlot {
-            backend: b,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30080, 6), 1, b);
+    fx.frontend_to((NODE, 30083, 17), 2, b);
     let good = Pkt::tcp(CLIENT, 40000, NODE, 30080, SYN).build();
     let mut ihl4 = good.clone();
     ihl4[14] = 0x44;
@@ -1157,16 +1083,7 @@ fn malformed_and_unusual_input() {
     );
     // IPv6 with a destination-options header before TCP.
     let b6 = fx.backend("fd00:10:0:1::5", 8080, true);
-    fx.frontend(
-        ("2001:db8::2", 30080, 6),
-        3,
-        MaglevSlot {
-            backend: b6,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to(("2001:db8::2", 30080, 6), 3, b6);
     table(
         &mut fx,
         vec![(
@@ -1182,16 +1099,7 @@ fn malformed_and_unusual_input() {
 fn fragments_follow_the_first() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        (NODE, 30083, 17),
-        1,
-        MaglevSlot {
-            backend: b,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30083, 17), 1, b);
     let big = Pkt::udp(CLIENT, 5353, NODE, 30083).payload(&[7u8; 40]);
     let seg = big.segment(); // 48 bytes: first fragment 24, second 24
     let first = big.eth(&big.ip_with(&seg[..24], 0x2000));
@@ -1230,16 +1138,7 @@ fn fragments_follow_the_first() {
 fn icmp_frag_needed_translated_back() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        (NODE, 30080, 6),
-        1,
-        MaglevSlot {
-            backend: b,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30080, 6), 1, b);
     let syn = Pkt::tcp(CLIENT, 40000, NODE, 30080, SYN);
     table(
         &mut fx,
@@ -1284,16 +1183,7 @@ fn icmp_frag_needed_translated_back() {
 fn tc_egress_restores_frontend_source() {
     let Some(mut fx) = Fx::new() else { return };
     let b = fx.backend("10.0.1.5", 8080, true);
-    fx.frontend(
-        (NODE, 30080, 6),
-        1,
-        MaglevSlot {
-            backend: b,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30080, 6), 1, b);
     let syn = Pkt::tcp(CLIENT, 40000, NODE, 30080, SYN);
     table(
         &mut fx,
@@ -1455,12 +1345,7 @@ fn icmpv6_errors_translated_back() {
     let syn = Pkt::tcp(C6, 40000, FE, 30080, SYN);
     let udp = Pkt::udp(C6, 5353, FE, 30082).payload(&[9u8; 64]);
     let uport = snat_port(&udp);
-    let mut udp_out = with_dst(&udp, "fd00:10:0:2::5", 8080);
-    udp_out.src = FE.parse().unwrap();
-    set_ports(&mut udp_out, Some(uport), None);
-    udp_out.src_mac = NODE_MAC;
-    udp_out.dst_mac = NODE2_MAC;
-    udp_out.ttl = 63;
+    let udp_out = routed_snat(&udp, FE, uport, "fd00:10:0:2::5", 8080, NODE2_MAC);
     table(
         &mut fx,
         vec![
@@ -1563,12 +1448,14 @@ fn ipv6_fragments_follow_the_first() {
     let oseg = out.segment();
     let rbig = Pkt::udp("2001:db8::10", 5354, "2001:db8::2", 30084).payload(&[8u8; 40]);
     let rseg = rbig.segment();
-    let mut rout = with_dst(&rbig, "fd00:10:0:2::5", 8080);
-    rout.src = "2001:db8::2".parse().unwrap();
-    set_ports(&mut rout, Some(snat_port(&rbig)), None);
-    rout.src_mac = NODE_MAC;
-    rout.dst_mac = NODE2_MAC;
-    rout.ttl = 63;
+    let rout = routed_snat(
+        &rbig,
+        "2001:db8::2",
+        snat_port(&rbig),
+        "fd00:10:0:2::5",
+        8080,
+        NODE2_MAC,
+    );
     let roseg = rout.segment();
     table(
         &mut fx,
@@ -1611,16 +1498,7 @@ fn ipv6_fragments_follow_the_first() {
 fn ipv6_reject_and_translate() {
     let Some(mut fx) = Fx::new() else { return };
     let b6 = fx.backend("fd00:10:0:1::5", 8080, true);
-    fx.frontend(
-        ("2001:db8::2", 30080, 17),
-        1,
-        MaglevSlot {
-            backend: b6,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to(("2001:db8::2", 30080, 17), 1, b6);
     fx.frontend(("2001:db8::2", 30091, 17), 2, MaglevSlot::default(), 0, 0);
     let udp = Pkt::udp("2001:db8::10", 5353, "2001:db8::2", 30080);
     let udp_rej = Pkt::udp("2001:db8::10", 5353, "2001:db8::2", 30091);
@@ -1761,12 +1639,14 @@ fn dsr_encapsulates_to_the_backend_node() {
         e.eth(&e.ip_with(&seg, 0x4000))
     };
     let snat_syn = Pkt::tcp(CLIENT, 40002, NODE, 30085, SYN);
-    let mut snat_out = with_dst(&snat_syn, "10.0.2.6", 8080);
-    snat_out.src = NODE.parse().unwrap();
-    set_ports(&mut snat_out, Some(snat_port(&snat_syn)), None);
-    snat_out.src_mac = NODE_MAC;
-    snat_out.dst_mac = NODE2_MAC;
-    snat_out.ttl = 63;
+    let snat_out = routed_snat(
+        &snat_syn,
+        NODE,
+        snat_port(&snat_syn),
+        "10.0.2.6",
+        8080,
+        NODE2_MAC,
+    );
     table(
         &mut fx,
         vec![
@@ -1915,26 +1795,8 @@ fn costs() {
     let Some(mut fx) = Fx::new() else { return };
     let local = fx.backend("10.0.1.5", 8080, true);
     let remote = fx.backend("10.0.2.5", 8080, false);
-    fx.frontend(
-        (NODE, 30080, 6),
-        1,
-        MaglevSlot {
-            backend: local,
-            prev: 0,
-        },
-        1,
-        0,
-    );
-    fx.frontend(
-        (NODE, 30081, 6),
-        2,
-        MaglevSlot {
-            backend: remote,
-            prev: 0,
-        },
-        1,
-        0,
-    );
+    fx.frontend_to((NODE, 30080, 6), 1, local);
+    fx.frontend_to((NODE, 30081, 6), 2, remote);
     fx.frontend((NODE, 30090, 6), 3, MaglevSlot::default(), 0, 0);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     // Paths that do not rewrite the packet can use repeat (no per-call harness cost); measured
