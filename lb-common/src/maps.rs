@@ -11,8 +11,12 @@ pub const BACKENDS: &str = "KPLB_BACKENDS";
 /// location ([`table_loc`]) and size, so writing a table is a memory copy into free slab space
 /// plus one frontend update: no map-in-map update (each of those waits for an RCU grace period).
 pub const MAGLEV: &str = "KPLB_MAGLEV";
-/// Socket-LB reverse translation: [`crate::RevSkKey`] -> [`crate::RevSkVal`].
+/// Socket-LB reverse translation of datagrams sent without `connect()`: [`crate::RevSkKey`]
+/// -> [`crate::RevSkVal`] (LRU).
 pub const REV_SK: &str = "KPLB_REV_SK";
+/// Socket-LB reverse translation of connected sockets: socket-local storage holding a
+/// [`crate::SkFrontend`].
+pub const SK_FRONTEND: &str = "KPLB_SK_FE";
 /// Per-CPU datapath counters indexed by [`crate::Counter`].
 pub const STATS: &str = "KPLB_STATS";
 
@@ -40,8 +44,19 @@ pub const SVC_HOT: &str = "KPLB_SVC_HOT";
 pub const SCRATCH: &str = "KPLB_SCRATCH";
 
 /// Every map the agent pins under `--bpffs-dir`, in creation order.
-pub const ALL: [&str; 12] = [
-    SERVICES, BACKENDS, MAGLEV, REV_SK, STATS, CT, FRAG, CONFIG, SRC_RANGES, AFFINITY, SVC_STATS,
+pub const ALL: [&str; 13] = [
+    SERVICES,
+    BACKENDS,
+    MAGLEV,
+    REV_SK,
+    SK_FRONTEND,
+    STATS,
+    CT,
+    FRAG,
+    CONFIG,
+    SRC_RANGES,
+    AFFINITY,
+    SVC_STATS,
     SVC_HOT,
 ];
 

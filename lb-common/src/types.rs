@@ -114,6 +114,21 @@ pub struct RevSkVal {
     pub _pad: [u8; 2],
 }
 
+/// A connected socket's translation, in the socket's own storage ([`crate::maps::SK_FRONTEND`]):
+/// what it connected to and what that became. Lives exactly as long as the socket, and reading
+/// it back touches only the socket, not a shared hash table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SkFrontend {
+    pub frontend: [u32; 4],
+    pub backend: [u32; 4],
+    /// Network byte order.
+    pub frontend_port: u16,
+    /// Network byte order; 0 when the socket was connected again, elsewhere.
+    pub backend_port: u16,
+    pub _pad: [u8; 4],
+}
+
 /// sessionAffinity: ClientIP entry in [`crate::maps::AFFINITY`]: one client of one Maglev group.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -23,26 +23,26 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use sock::{Family, forward, reverse};
+use sock::{Family, Hook, forward, reverse};
 
 #[cgroup_sock_addr(connect4)]
 pub fn kplb_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, Family::V4)
+    forward(&ctx, Family::V4, Hook::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn kplb_connect6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, Family::V6)
+    forward(&ctx, Family::V6, Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn kplb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, Family::V4)
+    forward(&ctx, Family::V4, Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn kplb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, Family::V6)
+    forward(&ctx, Family::V6, Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -3,12 +3,14 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SkStorage,
+    },
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SvcCounters, SvcKey,
-    SvcSlot, SvcVal,
+    AffinityKey, AffinityVal, Backend, MaglevSlot, RevSkKey, RevSkVal, SkFrontend, SvcCounters,
+    SvcKey, SvcSlot, SvcVal,
     ct::{Config, CtKey, CtVal, FragKey, FragVal, SrcRangeKey},
     maps::{
         BPF_F_NO_PREALLOC, DEFAULT_CT_MAX, MAGLEV_MAX_SLABS, MAGLEV_SLAB_MIN_SLOTS,
@@ -50,6 +52,9 @@ pub static MAGLEV: ArrayOfMaps<MaglevSlab, { MAGLEV_MAX_SLABS as usize }> = Arra
 
 #[btf_map(name = "KPLB_REV_SK")]
 pub static REV_SK: LruHashMap<RevSkKey, RevSkVal, { MAX_REV_SK as usize }> = LruHashMap::new();
+
+#[btf_map(name = "KPLB_SK_FE")]
+pub static SK_FRONTEND: SkStorage<SkFrontend> = SkStorage::new();
 
 #[btf_map(name = "KPLB_STATS")]
 pub static STATS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();

@@ -14,13 +14,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    AFFINITY_NETNS, AffinityKey, RevSkKey, RevSkVal, SCOPE_INTERNAL, SvcKey, SvcVal, addr,
-    hash::socket_hash, types::counter,
+    AFFINITY_NETNS, AffinityKey, RevSkKey, RevSkVal, SCOPE_INTERNAL, SkFrontend, SvcKey, SvcVal,
+    addr, hash::socket_hash, types::counter,
 };
 
 use crate::{
     affinity,
-    maps::{REV_SK, account, count},
+    maps::{REV_SK, SK_FRONTEND, account, count},
     select::{Pick, lookup, pick},
 };
 
@@ -34,6 +34,17 @@ pub enum Family {
     V4,
     V6,
 }
+
+/// Which hook translates: `connect()` fixes the socket's peer (remembered in the socket's own
+/// storage), `sendmsg()` translates one datagram of an unconnected UDP socket (remembered per
+/// socket and backend in `KPLB_REV_SK`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Connect,
+    Sendmsg,
+}
+
+const IPPROTO_UDP: u32 = 17;
 
 #[inline(always)]
 fn read_addr(sa: *const bpf_sock_addr, family: Family) -> [u32; 4] {
@@ -91,14 +102,30 @@ fn dest_key(sa: *const bpf_sock_addr, family: Family) -> Option<SvcKey> {
     })
 }
 
+/// A socket connected again, to something that is not translated, must not keep showing the
+/// frontend of its previous connection.
+#[inline(always)]
+fn forget_connection(ctx: &SockAddrContext, hook: Hook) {
+    if hook != Hook::Connect {
+        return;
+    }
+    // SAFETY: the helper reads the context's socket; the pointer is checked before use.
+    let p = unsafe { SK_FRONTEND.get_ptr_mut(ctx) };
+    if !p.is_null() {
+        // SAFETY: non-null storage of this socket.
+        unsafe { (*p).backend_port = 0 };
+    }
+}
+
 /// connect4/6 and sendmsg4/6: translate a frontend to a backend.
 #[inline(always)]
-pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
+pub fn forward(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     let Some(key) = dest_key(sa, family) else {
         return ALLOW;
     };
     let Some(svc) = lookup(&key) else {
+        forget_connection(ctx, hook);
         return ALLOW;
     };
     // SAFETY: helper valid for sock_addr programs.
@@ -111,6 +138,7 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
     match choice {
         Pick::Miss => {
             count(counter::SOCK_MISS);
+            forget_connection(ctx, hook);
             ALLOW
         }
         Pick::NoBackends => {
@@ -123,6 +151,12 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
         Pick::Backend(_, b) => {
             if !write_addr(sa, family, &b.addr, b.port) {
                 count(counter::SOCK_MISS);
+                forget_connection(ctx, hook);
+                return ALLOW;
+            }
+            if hook == Hook::Connect && remember_connection(ctx, &key, &b.addr, b.port) {
+                count(counter::SOCK_XLATE);
+                account(svc.group_id, 0, 0, 1);
                 return ALLOW;
             }
             let rev_key = RevSkKey {
@@ -144,6 +178,27 @@ pub fn forward(ctx: &SockAddrContext, family: Family) -> i32 {
             ALLOW
         }
     }
+}
+
+/// Records a connected socket's translation in its own storage; false if none could be
+/// allocated (the caller falls back to `KPLB_REV_SK`).
+#[inline(always)]
+fn remember_connection(ctx: &SockAddrContext, key: &SvcKey, backend: &[u32; 4], port: u16) -> bool {
+    // SAFETY: the helper reads the context's socket and creates its storage (zeroed).
+    let p = unsafe { SK_FRONTEND.get_or_insert_ptr_mut(ctx, None) };
+    if p.is_null() {
+        return false;
+    }
+    let v = SkFrontend {
+        frontend: key.addr,
+        backend: *backend,
+        frontend_port: key.port,
+        backend_port: port,
+        _pad: [0; 4],
+    };
+    // SAFETY: non-null storage of this socket, written only by this socket's own hooks.
+    unsafe { *p = v };
+    true
 }
 
 /// sessionAffinity: ClientIP. A pod is one network namespace, so its netns cookie identifies
@@ -175,13 +230,33 @@ fn sticky_pick(ctx: &SockAddrContext, svc: &SvcVal, cookie: u64) -> Pick {
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     let sa = ctx.sock_addr;
+    let addr = read_addr(sa, family);
+    // SAFETY: context loads.
+    let (port, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol) };
+    // A connected socket's peer: its own storage (most sockets have none: one pointer read).
+    // SAFETY: the helper reads the context's socket; the pointer is checked before use.
+    let p = unsafe { SK_FRONTEND.get_ptr_mut(ctx) };
+    if !p.is_null() {
+        // SAFETY: non-null storage of this socket.
+        let fe = unsafe { *p };
+        if fe.backend_port == port
+            && fe.backend == addr
+            && write_addr(sa, family, &fe.frontend, fe.frontend_port)
+        {
+            count(counter::SOCK_REV_XLATE);
+            return ALLOW;
+        }
+    }
+    // Only UDP sends to a service without connecting (TCP always connects first).
+    if proto != IPPROTO_UDP {
+        return ALLOW;
+    }
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = RevSkKey {
         cookie,
-        addr: read_addr(sa, family),
-        // SAFETY: context load.
-        port: unsafe { (*sa).user_port } as u16,
+        addr,
+        port,
         _pad: [0; 6],
     };
     // SAFETY: copied out immediately.

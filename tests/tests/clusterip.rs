@@ -73,6 +73,33 @@ fn clusterip_reaches_every_backend_over_tcp_and_udp() {
     }
 }
 
+/// A `connect()`ed UDP socket is translated once, on connect: every datagram goes to the one
+/// backend picked then, and its replies come from the ClusterIP (kept in the socket's own
+/// storage, not the per-datagram map unconnected sockets use).
+#[test]
+fn connected_udp_sees_the_clusterip_as_its_peer() {
+    if !require_root("clusterip connected udp") {
+        return;
+    }
+    let c = cluster();
+    for (client, ..) in CLIENTS {
+        let replies = c
+            .lab
+            .request(client, &Request::udp(DNS, "hostname").connected().count(10))
+            .unwrap();
+        assert!(replies.iter().all(|r| r.ok), "{client}: {replies:?}");
+        assert_eq!(
+            tally(&replies).len(),
+            1,
+            "{client}: one backend per socket: {replies:?}"
+        );
+        assert!(
+            replies.iter().all(|r| r.from.as_deref() == Some(DNS)),
+            "{client}: replies must come from the ClusterIP: {replies:?}"
+        );
+    }
+}
+
 #[test]
 fn named_ports_reach_their_own_target_ports() {
     if !require_root("clusterip named ports") {
