@@ -14,6 +14,8 @@ pub struct Request {
     interval_ms: u64,
     duration_ms: u64,
     stream: bool,
+    /// Connected UDP connects again midway: twice the attempts.
+    reconnects: bool,
 }
 
 impl Request {
@@ -44,6 +46,7 @@ impl Request {
             interval_ms: 0,
             duration_ms: 0,
             stream: false,
+            reconnects: false,
         }
     }
 
@@ -68,6 +71,14 @@ impl Request {
         self
     }
 
+    /// Connected UDP: after the attempts, `connect()` the same socket to `target` and make as
+    /// many again (twice the attempts in all).
+    pub fn reconnect(mut self, target: &str) -> Self {
+        self.args.extend(["--reconnect".into(), target.to_owned()]);
+        self.reconnects = true;
+        self
+    }
+
     /// UDP: bind this source port (fixed 5-tuples).
     pub fn local_port(mut self, port: u16) -> Self {
         self.args.extend(["--local-port".into(), port.to_string()]);
@@ -88,13 +99,17 @@ impl Request {
 
     /// How many JSON lines the client prints: one per attempt, one for a stream.
     pub fn attempts(&self) -> u32 {
-        if self.stream { 1 } else { self.count }
+        match (self.stream, self.reconnects) {
+            (true, _) => 1,
+            (false, true) => self.count * 2,
+            (false, false) => self.count,
+        }
     }
 
     /// A bound on how long the client can take; the runner kills it after that.
     pub fn worst_case(&self) -> Duration {
         let per = self.timeout_ms.saturating_mul(3) + self.interval_ms; // connect+write+read
-        Duration::from_millis(per * u64::from(self.count) + self.duration_ms + 10_000)
+        Duration::from_millis(per * u64::from(self.attempts()) + self.duration_ms + 10_000)
     }
 }
 

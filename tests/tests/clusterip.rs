@@ -100,6 +100,59 @@ fn connected_udp_sees_the_clusterip_as_its_peer() {
     }
 }
 
+/// A socket connected to the ClusterIP and then connected again straight to the pod it was
+/// balanced to must see the pod as its peer from then on: the socket's remembered frontend is
+/// forgotten, not shown for a connection that no longer goes through the service.
+#[test]
+fn a_socket_connected_again_elsewhere_forgets_the_clusterip() {
+    if !require_root("clusterip reconnect") {
+        return;
+    }
+    let c = cluster();
+    // One backend, so the pod the socket reconnects to is the one it was balanced to.
+    c.write("web-slice.yaml", &[web_slice(ready(&[POD_A]))])
+        .unwrap();
+    converge("only pod-a serving", |client| {
+        Ok(c.lab
+            .udp(client, DNS, "hostname", 10)?
+            .iter()
+            .all(|r| r.body.as_deref() == Some("pod-a")))
+    });
+    let pod = format!("{}:5353", POD_A.2);
+    for (client, ..) in CLIENTS {
+        let replies = c
+            .lab
+            .request(
+                client,
+                &Request::udp(DNS, "hostname")
+                    .connected()
+                    .count(5)
+                    .reconnect(&pod),
+            )
+            .unwrap();
+        assert!(
+            replies
+                .iter()
+                .all(|r| r.ok && r.body.as_deref() == Some("pod-a")),
+            "{client}: {replies:?}"
+        );
+        let from: Vec<_> = replies
+            .iter()
+            .map(|r| r.from.as_deref().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            from[..5],
+            [DNS; 5],
+            "{client}: through the service: {replies:?}"
+        );
+        assert_eq!(
+            from[5..],
+            [pod.as_str(); 5],
+            "{client}: straight to the pod: {replies:?}"
+        );
+    }
+}
+
 #[test]
 fn named_ports_reach_their_own_target_ports() {
     if !require_root("clusterip named ports") {

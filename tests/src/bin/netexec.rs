@@ -4,7 +4,7 @@
 //! netexec serve --name POD [--tcp 8080,8081] [--udp 8080] [--bind ::] [--verbose]
 //! netexec client --tcp HOST:PORT [--path /hostname] [--count N] [--timeout-ms 2000] [--interval-ms 0]
 //! netexec client --tcp HOST:PORT --stream --duration-ms D [--timeout-ms 2000]
-//! netexec client --udp HOST:PORT [--msg hostname] [--count N] [--connected] [--local-port P] ...
+//! netexec client --udp HOST:PORT [--msg hostname] [--count N] [--connected [--reconnect HOST:PORT]] [--local-port P] ...
 //! ```
 //! The server answers HTTP `GET /hostname`, `/clientip`, `/localaddr`, `/echo?msg=X`,
 //! `/healthz` and `/stream` (echoes every byte until EOF), and UDP datagrams `hostname`,
@@ -124,6 +124,7 @@ fn client(args: &[String]) -> Result<()> {
             "interval-ms",
             "duration-ms",
             "local-port",
+            "reconnect",
         ],
     )?;
     let target = |s: &str| {
@@ -148,6 +149,7 @@ fn client(args: &[String]) -> Result<()> {
                 .map(str::parse)
                 .transpose()
                 .context("--local-port")?,
+            reconnect: flags.get("reconnect").map(target).transpose()?,
         },
         _ => bail!("client needs exactly one of --tcp HOST:PORT or --udp HOST:PORT"),
     };

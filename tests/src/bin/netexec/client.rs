@@ -29,6 +29,9 @@ pub enum Mode {
         msg: String,
         connected: bool,
         local_port: Option<u16>,
+        /// Connected only: after `count` attempts, `connect()` the same socket here and make
+        /// `count` more.
+        reconnect: Option<SocketAddr>,
     },
 }
 
@@ -57,6 +60,7 @@ pub fn run(config: &Config) -> Result<()> {
             msg,
             connected: false,
             local_port,
+            ..
         } => repeat(config, || {
             let start = Instant::now();
             let v = match udp_socket(*target, *local_port) {
@@ -70,15 +74,23 @@ pub fn run(config: &Config) -> Result<()> {
             msg,
             connected: true,
             local_port,
+            reconnect,
         } => {
             let sock = udp_socket(*target, *local_port).and_then(|s| s.connect(target).map(|()| s));
-            repeat(config, || {
-                let start = Instant::now();
-                emit(match &sock {
-                    Ok(sock) => udp_exchange(sock, None, msg, config.timeout, start),
-                    Err(e) => failure(start, &error_name(e, "timeout"), None, None),
+            let mut attempts = |sock: &io::Result<UdpSocket>| {
+                repeat(config, || {
+                    let start = Instant::now();
+                    emit(match sock {
+                        Ok(sock) => udp_exchange(sock, None, msg, config.timeout, start),
+                        Err(e) => failure(start, &error_name(e, "timeout"), None, None),
+                    })
                 })
-            })?;
+            };
+            attempts(&sock)?;
+            if let Some(next) = reconnect {
+                let sock = sock.and_then(|s| s.connect(next).map(|()| s));
+                attempts(&sock)?;
+            }
         }
     }
     Ok(())
