@@ -889,7 +889,8 @@ mod report {
              the same way in the same rounds (the harness floor; attached in native mode elsewhere, so the kernel \
              calls it through the XDP dispatcher like the measured program, not through a retpoline). New flow = a \
              TCP SYN from a new source port each call (conntrack miss, Maglev pick, two conntrack inserts, SNAT \
-             port); established = the same ACK again (conntrack hit); not a service = node IP, port 22. Paths run \
+             port); established = the same ACK again (conntrack hit); not a service = node IP, port 22; REJECT = a SYN to \
+             a second NodePort service that has no endpoints (answered in place with a TCP RST, XDP_TX). Paths run \
              in rounds of {} calls, one round of every size (and of every other agent build given with \
              `--xdp-variants`, on nodes of their own) after another in a freshly shuffled order, so that the \
              machine's drifts fall on all sizes alike; conntrack is emptied before each round (so new flows find \
@@ -963,6 +964,7 @@ mod report {
             ("new_flow", "new flow", "611"),
             ("established", "established (1 hot flow)", "161"),
             ("not_a_service", "not a service", "50"),
+            ("reject", "REJECT (no endpoints: TCP RST)", "–"),
         ] {
             let p = &m["paths"][key];
             let verdicts = p["verdicts"]

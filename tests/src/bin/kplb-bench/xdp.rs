@@ -16,7 +16,8 @@
 //!   every call) and reported as median(kernel duration) - median(floor duration):
 //!   `new flow` (a TCP SYN from a new source port each call: conntrack miss, Maglev pick,
 //!   two conntrack inserts, NAT, FIB), `established` (the same ACK again and again: conntrack
-//!   hit), `not a service` (node IP, port 22: lookups miss, XDP_PASS).
+//!   hit), `not a service` (node IP, port 22: lookups miss, XDP_PASS), `reject` (a SYN to a
+//!   NodePort service without endpoints: answered with a TCP RST, XDP_TX).
 //! - The harness floor is a hand-assembled XDP program that only returns XDP_PASS, timed the
 //!   same way with the same context and, like the measured program, attached in native mode
 //!   (so the kernel calls both through its XDP dispatcher); plus `repeat = 1000` calls (the
@@ -61,6 +62,9 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const NODE_PORT: u16 = 30080;
 /// Outside the fillers' ClusterIPs (172.30.0.0/15).
 const NP_CLUSTER_IP: &str = "172.29.0.1";
+/// A NodePort service without endpoints: its SYNs are answered with a TCP RST (REJECT).
+const EMPTY_CLUSTER_IP: &str = "172.29.0.2";
+const EMPTY_NODE_PORT: u16 = 30081;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -120,7 +124,12 @@ fn manifests(dir: &std::path::Path, n: usize) -> Result<()> {
         EndpointSlice::new("np-1", "np").port(Some("http"), Protocol::Tcp, 8080),
         |s, j| s.endpoint(Endpoint::ready_on(&format!("10.0.2.{}", 10 + j), "node2")),
     );
-    for doc in [np, slice.to_json()] {
+    let empty = Service::new("np-empty")
+        .type_(ServiceType::NodePort)
+        .cluster_ip(EMPTY_CLUSTER_IP)
+        .port(Port::tcp(80, 8080).named("http").node_port(EMPTY_NODE_PORT))
+        .to_json();
+    for doc in [np, slice.to_json(), empty] {
         text.push_str("---\n");
         text.push_str(&serde_json::to_string(&doc)?);
         text.push('\n');
@@ -335,7 +344,13 @@ struct Target {
 const ROUND: usize = 500;
 
 /// The measured paths, in the order of [`Samples`] in [`measure`].
-const PATHS: [&str; 4] = ["floor", "new_flow", "established", "not_a_service"];
+const PATHS: [&str; 5] = [
+    "floor",
+    "new_flow",
+    "established",
+    "not_a_service",
+    "reject",
+];
 
 #[derive(Default)]
 struct Samples {
@@ -351,7 +366,7 @@ fn measure(
     calls: usize,
     rng: &mut Rng,
 ) -> Result<Vec<Value>> {
-    let mut acc: Vec<[Samples; 4]> = targets.iter().map(|_| Default::default()).collect();
+    let mut acc: Vec<[Samples; 5]> = targets.iter().map(|_| Default::default()).collect();
     let mut per_iter = Vec::new();
     for t in targets {
         per_iter.push(lab.in_netns(&t.ns, || floor_per_iteration(pass, t.ifindex))?);
@@ -388,7 +403,7 @@ fn floor_per_iteration(pass: &OwnedFd, ifindex: u32) -> Result<f64> {
 /// One round on one target: `ROUND` calls of every path. Conntrack is emptied first, so new
 /// flows find the table as a quiet node would (20k flows to 10 backends would otherwise fill
 /// the SNAT port range and time failed port searches); the hot flow is then opened again.
-fn round(t: &Target, pass: &OwnedFd, r: usize, acc: &mut [Samples; 4]) -> Result<()> {
+fn round(t: &Target, pass: &OwnedFd, r: usize, acc: &mut [Samples; 5]) -> Result<()> {
     pin_thread(CLIENT_CPU);
     for key in bpf::keys(&t.ct, size_of::<CtKey>())? {
         bpf::delete(&t.ct, &key)?;
@@ -406,7 +421,14 @@ fn round(t: &Target, pass: &OwnedFd, r: usize, acc: &mut [Samples; 4]) -> Result
     let floor = tcp_packet(CLIENT, 40000, t.ip, 80, TCP_ACK);
     let ack = tcp_packet(hot, 40_000, t.ip, NODE_PORT, TCP_ACK);
     let other = tcp_packet(Ipv4Addr::new(203, 0, 113, 201), 40_001, t.ip, 22, TCP_ACK);
-    let [fl, new, est, not] = acc;
+    let reject = tcp_packet(
+        Ipv4Addr::new(203, 0, 113, 202),
+        40_002,
+        t.ip,
+        EMPTY_NODE_PORT,
+        TCP_SYN,
+    );
+    let [fl, new, est, not, rej] = acc;
     timed(pass, t.ifindex, fl, |_| floor.clone())?;
     timed(&t.prog, t.ifindex, new, |i| {
         let k = r * ROUND + i;
@@ -420,7 +442,8 @@ fn round(t: &Target, pass: &OwnedFd, r: usize, acc: &mut [Samples; 4]) -> Result
         )
     })?;
     timed(&t.prog, t.ifindex, est, |_| ack.clone())?;
-    timed(&t.prog, t.ifindex, not, |_| other.clone())
+    timed(&t.prog, t.ifindex, not, |_| other.clone())?;
+    timed(&t.prog, t.ifindex, rej, |_| reject.clone())
 }
 
 /// `struct xdp_md` for a packet of `len` bytes arriving on `ifindex`.
@@ -473,7 +496,7 @@ fn dist(d: &[f64]) -> Value {
 }
 
 /// One target's results in the report's layout: the floor and every path minus it.
-fn summary(samples: [Samples; 4], floor_per_iter: f64) -> Value {
+fn summary(samples: [Samples; 5], floor_per_iter: f64) -> Value {
     let [floor, rest @ ..] = samples;
     let floor = sorted(floor.ns);
     let floor_median = percentile(&floor, 50.0);
@@ -492,6 +515,9 @@ fn summary(samples: [Samples; 4], floor_per_iter: f64) -> Value {
     });
     if r["paths"]["new_flow"]["verdicts"].get("XDP_PASS").is_some() {
         r["warning"] = json!("new flows got XDP_PASS: the NodePort frontend was not translated");
+    }
+    if r["paths"]["reject"]["verdicts"].get("XDP_TX").is_none() {
+        r["warning"] = json!("SYNs to the service without endpoints were not answered (no XDP_TX)");
     }
     r
 }
