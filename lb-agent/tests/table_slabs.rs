@@ -16,7 +16,7 @@ use lb_agent::{
     sync::{Datapath as _, TableLoc},
 };
 use lb_common::{
-    MaglevSlot, SvcKey, SvcVal,
+    MaglevSlot, SvcKey, SvcVal, addr,
     maps::{MAGLEV_SLAB_MIN_SLOTS, loc_first, loc_slab},
 };
 
@@ -188,12 +188,7 @@ fn a_restarted_agent_keeps_the_tables_frontends_read() {
         std::process::id()
     )));
     let key = SvcKey {
-        addr: [
-            0,
-            0,
-            0xffff_u32.to_be(),
-            u32::from_be_bytes([172, 30, 0, 1]).to_be(),
-        ],
+        addr: addr::from_ip("172.30.0.1".parse().unwrap()),
         port: 80u16.to_be(),
         proto: 6,
         scope: 0,
@@ -264,12 +259,7 @@ fn a_batch_of_tables_is_written_at_once() {
 fn a_removed_backend_goes_only_after_a_grace_period() {
     let Some(mut dp) = load() else { return };
     let b = lb_common::Backend {
-        addr: [
-            0,
-            0,
-            0xffff_u32.to_be(),
-            u32::from_be_bytes([10, 0, 1, 5]).to_be(),
-        ],
+        addr: addr::from_ip("10.0.1.5".parse().unwrap()),
         port: 8080u16.to_be(),
         proto: 6,
         flags: 0,

@@ -492,10 +492,7 @@ fn next_hop_cached_in_conntrack_and_refreshed() {
     let syn = Pkt::tcp(CLIENT, 40001, NODE, 30081, SYN);
     let ack = Pkt::tcp(CLIENT, 40001, NODE, 30081, ACK);
     let port = snat_port(&syn);
-    let to_node2 = |p: &Pkt, mac: [u8; 6]| {
-        let out = routed_snat(p, NODE, port, "10.0.2.5", 8080, mac);
-        out.build()
-    };
+    let to_node2 = |p: &Pkt, mac| routed_snat(p, NODE, port, "10.0.2.5", 8080, mac).build();
     let mut reply = Pkt::tcp("10.0.2.5", 8080, NODE, port, SYN | ACK);
     reply.src_mac = NODE2_MAC;
     let mut reply_out = Pkt::tcp(NODE, 30081, CLIENT, 40001, SYN | ACK);
@@ -589,10 +586,7 @@ fn snat_port_held_by_another_flow_is_skipped() {
     let other = (30001..40000)
         .find(|&p| snat_port(&syn(p)) == first && snat_candidate(&syn(p), 1) != first)
         .expect("two flows with the same first SNAT port");
-    let out = |p: &Pkt, port| {
-        let out = routed_snat(p, NODE, port, "10.0.2.5", 8080, NODE2_MAC);
-        out.build()
-    };
+    let out = |p: &Pkt, port| routed_snat(p, NODE, port, "10.0.2.5", 8080, NODE2_MAC).build();
     let (a, b) = (syn(30000), syn(other));
     table(
         &mut fx,

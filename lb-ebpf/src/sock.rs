@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    AFFINITY_NETNS, AffinityKey, RevSkKey, RevSkVal, SCOPE_INTERNAL, SkFrontend, SvcKey, SvcVal,
-    addr, hash::socket_hash, types::counter,
+    AFFINITY_NETNS, AffinityKey, IPPROTO_UDP, RevSkKey, RevSkVal, SCOPE_INTERNAL, SkFrontend,
+    SvcKey, SvcVal, addr, hash::socket_hash, types::counter,
 };
 
 use crate::{
@@ -43,8 +43,6 @@ pub enum Hook {
     Connect,
     Sendmsg,
 }
-
-const IPPROTO_UDP: u32 = 17;
 
 #[inline(always)]
 fn read_addr(sa: *const bpf_sock_addr, family: Family) -> [u32; 4] {
@@ -154,25 +152,25 @@ pub fn forward(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
                 forget_connection(ctx, hook);
                 return ALLOW;
             }
-            if hook == Hook::Connect && remember_connection(ctx, &key, &b.addr, b.port) {
-                count(counter::SOCK_XLATE);
-                account(svc.group_id, 0, 0, 1);
-                return ALLOW;
+            let remembered =
+                hook == Hook::Connect && remember_connection(ctx, &key, &b.addr, b.port);
+            // UDP replies are matched in KPLB_REV_SK (unconnected sockets, and connected ones
+            // whose storage could not be allocated). A failed insert or allocation only loses
+            // the reverse mapping (the peer shows the backend address); the traffic still flows.
+            if !remembered && key.proto == IPPROTO_UDP {
+                let rev_key = RevSkKey {
+                    cookie,
+                    addr: b.addr,
+                    port: b.port,
+                    _pad: [0; 6],
+                };
+                let rev = RevSkVal {
+                    addr: key.addr,
+                    port: key.port,
+                    _pad: [0; 2],
+                };
+                let _ = REV_SK.insert(rev_key, rev, 0);
             }
-            let rev_key = RevSkKey {
-                cookie,
-                addr: b.addr,
-                port: b.port,
-                _pad: [0; 6],
-            };
-            let rev = RevSkVal {
-                addr: key.addr,
-                port: key.port,
-                _pad: [0; 2],
-            };
-            // A failed insert only loses the reverse mapping (peer shows the backend address);
-            // the connection itself still works.
-            let _ = REV_SK.insert(rev_key, rev, 0);
             count(counter::SOCK_XLATE);
             account(svc.group_id, 0, 0, 1);
             ALLOW
@@ -181,7 +179,7 @@ pub fn forward(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
 }
 
 /// Records a connected socket's translation in its own storage; false if none could be
-/// allocated (the caller falls back to `KPLB_REV_SK`).
+/// allocated.
 #[inline(always)]
 fn remember_connection(ctx: &SockAddrContext, key: &SvcKey, backend: &[u32; 4], port: u16) -> bool {
     // SAFETY: the helper reads the context's socket and creates its storage (zeroed).
@@ -248,7 +246,7 @@ pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
         }
     }
     // Only UDP sends to a service without connecting (TCP always connects first).
-    if proto != IPPROTO_UDP {
+    if proto != u32::from(IPPROTO_UDP) {
         return ALLOW;
     }
     // SAFETY: helper valid for sock_addr programs.

@@ -751,7 +751,7 @@ mod report {
             o,
             "| NodePort through kplb's XDP ≥ 80% of the same veth's XDP_DROP rate | {} | {} |",
             np_ratio.map_or("–".into(), |r| format!(
-                "{:.0}% ({:.0} vs {:.0} pps)",
+                "{:.1}% ({:.0} vs {:.0} pps)",
                 r * 100.0,
                 rate("kplb").unwrap_or(0.0),
                 rate("xdp_drop").unwrap_or(0.0)
@@ -1231,7 +1231,7 @@ mod report {
                 "| {mode} | {} | {} | {} |",
                 fmt_mmm(rate(r, "sent_pps"), 0),
                 fmt_mmm(got, 0),
-                ratio(med(got), drop).map_or("–".into(), |v| format!("{:.0}%", v * 100.0))
+                ratio(med(got), drop).map_or("–".into(), |v| format!("{:.1}%", v * 100.0))
             );
         }
         let _ = writeln!(o, "\nTarget: kplb ≥ 80% of the XDP_DROP rate.\n");

@@ -480,21 +480,14 @@ impl<'a> Size<'a> {
         };
         eprintln!("kplb-bench: control: changes at {services} services");
         let result = (|| -> Result<Value> {
-            for k in 1..cfg.cold_starts {
+            for _ in 1..cfg.cold_starts {
                 if let Some(old) = l.agent.take() {
                     old.stop_and_clean()?;
                 }
-                let args = ["--poll-interval-ms", control::POLL_MS];
-                let agent = RunningAgent::start(&l.bl.lab, l.cluster.node, &l.manifests(), &args)?;
-                let (wall, line) = l
-                    .agent
-                    .insert(agent)
-                    .wait_synced(control::COLD_START_LIMIT)?;
-                eprintln!(
-                    "kplb-bench: control: cold start {}: {wall:.3} s to synced",
-                    k + 1
-                );
-                cold.push(json!({"start_to_synced_s": wall, "synced": line}));
+                let (agent, sample) =
+                    control::cold_start(&l.bl.lab, l.cluster.node, &l.manifests())?;
+                l.agent = Some(agent);
+                cold.push(sample);
             }
             let agent = l.agent.as_ref().context("no agent")?;
             control::measure_running(agent, &l.manifests(), &l.cluster, cfg, rng, cold)

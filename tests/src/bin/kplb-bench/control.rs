@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use lb_tests::Lab;
 use serde_json::{Value, json};
 
 use crate::{
@@ -69,22 +70,28 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
     cluster.write_manifests(&dir)?;
 
     let mut cold = Vec::new();
-    let mut running = None;
-    for k in 0..cfg.cold_starts {
-        let mut agent = RunningAgent::start(&bl.lab, 1, &dir, &["--poll-interval-ms", POLL_MS])?;
-        let (wall, line) = agent.wait_synced(COLD_START_LIMIT)?;
-        eprintln!("kplb-bench: control: cold start {k}: {wall:.3} s to synced ({line})");
-        cold.push(json!({"start_to_synced_s": wall, "synced": line}));
-        if k + 1 < cfg.cold_starts {
-            agent.stop_and_clean()?;
-        } else {
-            running = Some(agent);
+    let mut running: Option<RunningAgent> = None;
+    for _ in 0..cfg.cold_starts {
+        if let Some(old) = running.take() {
+            old.stop_and_clean()?;
         }
+        let (agent, sample) = cold_start(&bl.lab, 1, &dir)?;
+        cold.push(sample);
+        running = Some(agent);
     }
     let agent = running.context("no cold start ran")?;
     let result = measure_running(&agent, &dir, &cluster, cfg, rng, cold);
     agent.stop_and_clean()?;
     result
+}
+
+/// Starts an agent on `node` reading `dir` (changes noticed through inotify, see [`POLL_MS`])
+/// and waits for its first sync; returns it and the cold start's figures.
+pub fn cold_start(lab: &Lab, node: usize, dir: &Path) -> Result<(RunningAgent, Value)> {
+    let mut agent = RunningAgent::start(lab, node, dir, &["--poll-interval-ms", POLL_MS])?;
+    let (wall, line) = agent.wait_synced(COLD_START_LIMIT)?;
+    eprintln!("kplb-bench: control: cold start: {wall:.3} s to synced");
+    Ok((agent, json!({"start_to_synced_s": wall, "synced": line})))
 }
 
 /// Everything after the first sync, on a running agent whose manifest directory `dir` holds

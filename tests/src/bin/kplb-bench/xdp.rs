@@ -246,7 +246,8 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
             agents.push(RunningAgent::start_bin(&lab, s.node, bin, &dir, &args)?);
         }
     }
-    let result = (|| -> Result<Value> {
+    // (a row per size, why kplb was skipped).
+    let result = (|| -> Result<(Vec<Value>, Value)> {
         // A size whose agent does not sync in time (or attaches nothing) is reported as such;
         // the others are still measured.
         let mut synced: Vec<Result<(f64, Value)>> = Vec::new();
@@ -282,7 +283,7 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
             ));
         }
         if !skipped.is_null() {
-            return Ok(json!({"rows": [], "skipped": skipped}));
+            return Ok((Vec::new(), skipped));
         }
         let (idx, only): (Vec<usize>, Vec<Target>) = targets.into_iter().unzip();
         let measured = measure(&lab, &only, &pass, cfg.calls, rng)?;
@@ -297,9 +298,10 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
             for (i, s) in slots.iter().enumerate().filter(|(_, s)| s.size == si) {
                 let m = by_slot.remove(&i).unwrap_or(Value::Null);
                 if s.build == 0 {
-                    let (wall, line) = synced[i].as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                    row["synced"] = line.clone();
-                    row["start_to_synced_s"] = json!(wall);
+                    if let Ok((wall, line)) = &synced[i] {
+                        row["synced"] = line.clone();
+                        row["start_to_synced_s"] = json!(wall);
+                    }
                     row["paths"] = m;
                 } else {
                     row["variants"][&builds[s.build].0] = m;
@@ -307,24 +309,23 @@ pub fn run(cfg: &Config, rng: &mut Rng) -> Result<Value> {
             }
             rows.push(row);
         }
-        Ok(json!({"rows": rows, "skipped": Value::Null}))
+        Ok((rows, Value::Null))
     })();
     for a in agents {
         a.stop_and_clean()?;
     }
-    let mut out = result?;
-    let sizes = out["rows"].take();
+    let (sizes, skipped) = result?;
     Ok(json!({
         "calls": cfg.calls,
         "sync_limit_s": cfg.sync_limit.as_secs_f64(),
         "round": ROUND,
         "variants": builds.iter().skip(1).map(|(n, b)| json!({"name": n, "agent": b})).collect::<Vec<_>>(),
         "floor": sizes
-            .as_array()
-            .and_then(|s| s.iter().find(|r| !r["paths"].is_null()))
+            .iter()
+            .find(|r| !r["paths"].is_null())
             .map_or(Value::Null, |s| s["paths"]["floor"].clone()),
         "kplb": sizes,
-        "skipped": out["skipped"].take(),
+        "skipped": skipped,
     }))
 }
 
